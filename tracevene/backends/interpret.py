@@ -1,0 +1,143 @@
+"""Evaluating program nodes on real tensors (shared by every backend)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ExecutionError, ScheduleError, ShapeError, TraceveneError
+from ..ir.nodes import Node, Ref, resolve_function
+from ..ir.program import Program, format_index, run_name
+from ..sites.bind import Binding, Ctx
+from ..sites.vocab import display
+
+
+class Env:
+    """Values of the nodes that have run so far."""
+
+    def __init__(self, program: Program, args: dict[str, Any], device: torch.device):
+        self.program = program
+        self.args = args
+        self.device = device
+        self.values: dict[int, Any] = {}
+
+    def get(self, x: Any, node: Node) -> Any:
+        """Resolve refs inside an argument."""
+        if isinstance(x, Ref):
+            if x.id not in self.values:
+                raise ScheduleError(
+                    f"line {node.loc}: %{node.id} needs %{x.id} "
+                    f"({_describe(self.program.nodes[x.id])}), which has not run yet. The "
+                    "module order tracevene inferred does not match this model's execution "
+                    "order; try schedule='sequential' or read the value from a source run."
+                )
+            return self.values[x.id]
+        if isinstance(x, tuple):
+            return tuple(self.get(v, node) for v in x)
+        if isinstance(x, list):
+            return [self.get(v, node) for v in x]
+        if isinstance(x, slice):
+            return slice(self.get(x.start, node), self.get(x.stop, node), self.get(x.step, node))
+        return x
+
+    def compute(self, node: Node) -> None:
+        """Run a node that is neither a read nor a write."""
+        try:
+            self.values[node.id] = self._compute(node)
+        except TraceveneError:
+            raise
+        except Exception as e:
+            raise ExecutionError(
+                f"line {node.loc}: {_describe(node)} failed: {type(e).__name__}: {e}"
+            ) from e
+
+    def _compute(self, node: Node) -> Any:
+        op = node.op
+        if op == "arg":
+            return self.args[node.target]
+        if op == "const":
+            return self.program.tensors[node.target].to(self.device)
+        args = self.get(node.args, node)
+        kwargs = {k: self.get(v, node) for k, v in node.kwargs}
+        if op == "getitem":
+            return args[0][args[1]]
+        if op == "setitem":
+            out = args[0].clone()
+            out[args[1]] = args[2]
+            return out
+        if op == "call_function":
+            return resolve_function(node.target)(*args, **kwargs)
+        if op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if op == "call_module":
+            return self.program.modules[node.target](*args, **kwargs)
+        if op == "save":
+            return args[0]
+        raise ExecutionError(f"cannot compute op {op!r}")
+
+    def read(self, node: Node, binding: Binding, x: Tensor, ctx: Ctx) -> None:
+        """Run a read node against the hooked tensor ``x`` (all rows)."""
+        try:
+            self.values[node.id] = binding.get(_rows(x, ctx.rows), ctx)
+        except TraceveneError:
+            raise
+        except Exception as e:
+            raise ExecutionError(f"line {node.loc}: {_describe(node)} failed: {e}") from e
+
+    def write(self, node: Node, binding: Binding, x: Tensor, ctx: Ctx) -> Tensor:
+        """Run a write node; returns the new hooked tensor."""
+        index, value = self.get(node.args, node)
+        rows = _rows(x, ctx.rows)
+        try:
+            site = binding.get(rows, ctx)
+            new = _assign(site, index, value, node)
+            new_rows = binding.set(rows, new, ctx)
+        except TraceveneError:
+            raise
+        except Exception as e:
+            raise ExecutionError(f"line {node.loc}: {_describe(node)} failed: {e}") from e
+        if ctx.rows == slice(None):
+            return new_rows
+        out = x.clone()
+        out[ctx.rows] = new_rows
+        return out
+
+    def run_nodes(self, nodes: list[Node]) -> None:
+        """Compute a list of nodes (no reads or writes among them)."""
+        for node in nodes:
+            self.compute(node)
+
+
+def _rows(x: Tensor, rows: slice) -> Tensor:
+    return x if rows == slice(None) else x[rows]
+
+
+def _assign(site: Tensor, index: Any, value: Any, node: Node) -> Tensor:
+    if not isinstance(value, Tensor):
+        value = torch.as_tensor(value, dtype=site.dtype, device=site.device)
+    target = site if index == () else site[index]
+    try:
+        shape = torch.broadcast_shapes(value.shape, target.shape)
+    except RuntimeError:
+        shape = None
+    if shape != target.shape:
+        where = f"{run_name(node.run)}.{display(node.target)}{format_index(index)}"
+        raise ShapeError(
+            f"line {node.loc}: cannot write a value of shape {tuple(value.shape)} to {where}, "
+            f"which has shape {tuple(target.shape)} (the site has shape {tuple(site.shape)}). "
+            "Index the value or the site so the shapes match (or broadcast)."
+        )
+    value = value.to(site.dtype)
+    if index == ():
+        return value.expand(site.shape) if value.shape != site.shape else value
+    out = site.clone()
+    out[index] = value
+    return out
+
+
+def _describe(node: Node) -> str:
+    if node.op in ("read", "write"):
+        return f"{node.op} of {run_name(node.run)}.{display(node.target)}"
+    return f"%{node.id} ({node.op} {node.target or ''})".replace(" )", ")")

@@ -1,0 +1,196 @@
+"""Scheduling a program onto forward passes (shared by every backend).
+
+A *pass* is one forward call of the model over one or more runs (batched along the
+batch axis). Each read and write happens at an *event*: a hook point in one pass.
+Other nodes run at the event of their latest input, or before the first pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..errors import ScheduleError
+from ..ir.nodes import Node
+from ..ir.program import Program, run_name
+from ..sites.vocab import display
+
+PRELUDE = (-1, ())
+
+
+@dataclass
+class Pass:
+    """One forward call.
+
+    Attributes:
+        runs: Runs batched in this pass (0 is the base).
+        events: Hook point -> nodes to execute when it fires, in program order.
+        order: Hook point -> its place in forward order.
+    """
+
+    runs: list[int]
+    events: dict[tuple[str, str], list[Node]] = field(default_factory=dict)
+    order: dict[tuple[str, str], tuple] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """Where every node of a program executes.
+
+    Attributes:
+        passes: Forward passes in execution order.
+        prelude: Nodes that need no site (constants, placeholders, ...), run first.
+        mode: ``"batched"`` or ``"sequential"`` (what was asked for after ``"auto"``).
+    """
+
+    passes: list[Pass]
+    prelude: list[Node]
+    mode: str
+
+    def describe(self) -> str:
+        """One line per pass, e.g. ``pass 1: base+src1 (batched, 3 hook points)``."""
+        return "\n".join(
+            f"pass {i + 1}: {'+'.join(run_name(r) for r in p.runs)} ({len(p.events)} hook points)"
+            for i, p in enumerate(self.passes)
+        )
+
+
+#: ``(site name) -> ((path, io) of its hook point, order key)``
+Locate = Callable[[str], tuple[tuple[str, str], tuple]]
+
+
+def make_plan(program: Program, locate: Locate, mode: str, can_batch: bool) -> Plan:
+    """Schedule ``program``.
+
+    Args:
+        program: The program.
+        locate: Where a site is hooked and its place in forward order.
+        mode: ``"batched"`` (fewest passes) or ``"sequential"`` (a pass per group of
+            runs that must share one).
+        can_batch: Whether runs may share a pass at all (compatible inputs).
+
+    Raises:
+        ScheduleError: A value cannot exist when it is needed.
+    """
+    nodes = program.nodes
+    feeds = _feeding_reads(nodes)
+    used = {0} | {n.run for n in nodes if n.op in ("read", "write")}
+    edges: dict[tuple[int, int], tuple[Node, Node] | None] = {}  # (r_from, r_to) -> strict?
+    for w in (n for n in nodes if n.op == "write"):
+        _, kw = locate(w.target)
+        for r in feeds[w.id]:
+            read = nodes[r]
+            _, kr = locate(read.target)
+            if read.run == w.run:
+                if kr > kw:
+                    raise ScheduleError(_late_message(read, w, "its own"))
+                continue
+            strict = (read, w) if kr > kw else None
+            edges[(read.run, w.run)] = edges.get((read.run, w.run)) or strict
+    groups = _components(sorted(used), edges)
+    for group in groups:
+        for (a, b), strict in edges.items():
+            if strict and a in group and b in group:
+                raise ScheduleError(_cycle_message(*strict))
+    if len(groups) < len(used) and not can_batch:
+        raise ScheduleError(
+            "runs that feed each other at the same layer must share one forward pass, but "
+            "their inputs cannot be batched (different shapes, or a model without a site "
+            "table): give them inputs of the same shape."
+        )
+    layers = _layer(groups, edges, mode == "batched" and can_batch)
+    return _assign(program, layers, feeds, locate, mode if can_batch else "sequential")
+
+
+def _feeding_reads(nodes: tuple[Node, ...]) -> list[set[int]]:
+    """For each node, the read nodes its value depends on."""
+    feeds: list[set[int]] = []
+    for n in nodes:
+        s: set[int] = set()
+        for r in n.refs():
+            s |= feeds[r] | ({r} if nodes[r].op == "read" else set())
+        feeds.append(s)
+    return feeds
+
+
+def _components(runs: list[int], edges: dict) -> list[list[int]]:
+    """Strongly connected components of the run graph, in topological order."""
+    succ = {r: [b for (a, b) in edges if a == r] for r in runs}
+    reach = {r: _reachable(r, succ) for r in runs}
+    groups: list[list[int]] = []
+    for r in runs:
+        if not any(r in g for g in groups):
+            groups.append([s for s in runs if s in reach[r] and r in reach[s]])
+    order: list[list[int]] = []
+    while groups:  # Kahn's algorithm; ties keep run order
+        for g in groups:
+            if not any(
+                a in h and b in g for (a, b) in edges for h in groups if h is not g
+            ):
+                order.append(g)
+                groups.remove(g)
+                break
+    return order
+
+
+def _reachable(r: int, succ: dict[int, list[int]]) -> set[int]:
+    seen, todo = {r}, [r]
+    while todo:
+        for s in succ[todo.pop()]:
+            if s not in seen:
+                seen.add(s)
+                todo.append(s)
+    return seen
+
+
+def _layer(groups: list[list[int]], edges: dict, batch: bool) -> list[list[int]]:
+    """Group the run components into passes."""
+    if not batch:
+        return groups
+    level: dict[int, int] = {}
+    for g in groups:  # topological order: predecessors are placed already
+        lv = 0
+        for (a, b), strict in edges.items():
+            if b in g and a not in g:
+                lv = max(lv, level[a] + (1 if strict else 0))
+        level.update({r: lv for r in g})
+    return [sorted(r for r in level if level[r] == i) for i in range(max(level.values()) + 1)]
+
+
+def _assign(program: Program, layers, feeds, locate: Locate, mode: str) -> Plan:
+    pass_of = {r: i for i, runs in enumerate(layers) for r in runs}
+    passes = [Pass(runs) for runs in layers]
+    when: dict[int, tuple] = {}
+    prelude: list[Node] = []
+    for n in program.nodes:
+        if n.op in ("read", "write"):
+            point, key = locate(n.target)
+            when[n.id] = (pass_of[n.run], key, point)
+        else:
+            when[n.id] = max((when[r] for r in n.refs()), default=PRELUDE, key=lambda w: w[:2])
+        if when[n.id] == PRELUDE:
+            prelude.append(n)
+            continue
+        p, key, point = when[n.id]
+        passes[p].events.setdefault(point, []).append(n)
+        passes[p].order[point] = key
+    return Plan(passes, prelude, mode)
+
+
+def _late_message(read: Node, write: Node, whose: str) -> str:
+    return (
+        f"{run_name(write.run)}.{display(write.target)} (line {write.loc}) is written from "
+        f"{run_name(read.run)}.{display(read.target)} (line {read.loc}), a later site of "
+        f"{whose} run: that value does not exist yet when the write happens. Read it from "
+        "a source run instead (t.source(inputs))."
+    )
+
+
+def _cycle_message(read: Node, write: Node) -> str:
+    return (
+        f"runs {run_name(read.run)} and {run_name(write.run)} each need a later site of the "
+        f"other: {run_name(write.run)}.{display(write.target)} (line {write.loc}) is written "
+        f"from {run_name(read.run)}.{display(read.target)} (line {read.loc}), while "
+        f"{run_name(read.run)} also depends on {run_name(write.run)}. Split the program, or "
+        "feed one of them from an extra source run."
+    )

@@ -1,0 +1,299 @@
+"""The reference backend: plain PyTorch forward hooks.
+
+Every other backend is checked against this one. Each forward pass registers hooks
+only on the modules its events need, and removes them in ``finally``: no hook
+outlives a run, whatever is raised inside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ExecutionError
+from ..ir.program import Program, run_name
+from ..result import Result
+from ..sites.bind import Binding, Ctx, first_tensor
+from ..sites.vocab import display
+from .base import Backend
+from .inputs import batch_size, can_batch, concat, slice_output, to_call
+from .interpret import Env
+from .plan import Pass, make_plan
+
+ATTENTION_NAME = "tracevene_eager"
+_PATTERN_HOOKS: dict[int, Any] = {}
+
+
+class _Stop(Exception):
+    """Raised inside a hook to end a pass that has done all it was needed for."""
+
+
+class TorchBackend(Backend):
+    """Runs programs with ``register_forward_hook`` / ``register_forward_pre_hook``."""
+
+    name = "torch"
+
+    def check_site(self, model: Any, site: str) -> None:
+        """Validate ``site`` on ``model`` (binding it caches the hook point)."""
+        model.resolver.bind(site)
+
+    def run(
+        self,
+        model: Any,
+        program: Program,
+        inputs: Sequence[Any],
+        args: Mapping[str, Any],
+        forward_kwargs: dict[str, Any],
+        schedule: str,
+    ) -> Result:
+        """Run ``program``; see :meth:`tracevene.Program.run`."""
+        resolver = model.resolver
+        calls = [to_call(model, x, forward_kwargs) for x in inputs]
+        batchable = resolver.arch is not None and can_batch(calls)
+        mode = _mode(schedule, model.device)
+
+        def locate(site: str):
+            b = resolver.bind(site)
+            return (b.path, b.io), b.order
+
+        plan = make_plan(program, locate, mode, batchable)
+        env = Env(program, dict(args), model.device)
+        grad = torch.is_grad_enabled() and _needs_grad(program, args)
+        output = None
+        with torch.set_grad_enabled(grad), _frozen(model.module, grad):
+            env.run_nodes(plan.prelude)
+            for p in plan.passes:
+                out = _run_pass(model, p, [calls[r] for r in p.runs], env)
+                if 0 in p.runs:
+                    output = out
+        values = {n.id: env.values[n.id] for n in program.nodes if n.op == "save"}
+        saves = {n.target: values[n.id] for n in program.nodes if n.op == "save" and n.target}
+        return Result(saves, output, values, plan)
+
+
+def _mode(schedule: str, device: torch.device) -> str:
+    if schedule not in ("auto", "batched", "sequential"):
+        raise ValueError(
+            f"schedule={schedule!r}: choose 'auto', 'batched' (base and sources in one "
+            "forward pass where possible) or 'sequential' (one pass per run)."
+        )
+    if schedule == "auto":  # batching is free on accelerators; on CPU, early stops win
+        return "sequential" if device.type == "cpu" else "batched"
+    return schedule
+
+
+def _needs_grad(program: Program, args: Mapping[str, Any]) -> bool:
+    tensors = [*program.tensors.values(), *(a for a in args.values() if isinstance(a, Tensor))]
+    params = (p for m in program.modules.values() for p in m.parameters())
+    return any(t.requires_grad for t in tensors) or any(p.requires_grad for p in params)
+
+
+@contextlib.contextmanager
+def _frozen(module: nn.Module, active: bool) -> Iterator[None]:
+    """Keep the model's own parameters out of the autograd graph while a program runs."""
+    params = [p for p in module.parameters() if p.requires_grad] if active else []
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class _PassRun:
+    """State of one forward pass: its hooks, what fired, and the rows of each run."""
+
+    def __init__(self, model: Any, p: Pass, env: Env, sizes: list[int]):
+        self.model, self.p, self.env = model, p, env
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        single = len(sizes) == 1
+        self.rows = {
+            r: slice(None) if single else slice(s, s + n)
+            for r, s, n in zip(p.runs, starts, sizes, strict=True)
+        }
+        self.bindings: dict[str, Binding] = {}
+        for nodes in p.events.values():
+            for n in nodes:
+                if n.op in ("read", "write"):
+                    self.bindings[n.target] = model.resolver.bind(n.target)
+        self.captures = {c for b in self.bindings.values() for c in b.captures}
+        self.points = set(p.events) | self.captures
+        self.fired: set[tuple[str, str]] = set()
+        self.captured: dict[tuple[str, str], Tensor] = {}
+        self.stop_early = 0 not in p.runs
+
+    def fire(self, point: tuple[str, str], x: Tensor, module: nn.Module, inp: Any) -> Tensor | None:
+        """Execute the events of one hook point; returns the new tensor if written."""
+        if point in self.fired:
+            raise ExecutionError(
+                f"module {point[0]!r} ran more than once in one forward pass, so its sites "
+                "are ambiguous; tracevene does not guess which call you meant."
+            )
+        self.fired.add(point)
+        ctx = Ctx(module, inp, self.captured)
+        changed = False
+        for node in self.p.events.get(point, ()):
+            if node.op in ("read", "write"):
+                ctx.rows = self.rows[node.run]
+                binding = self.bindings[node.target]
+                if node.op == "read":
+                    self.env.read(node, binding, x, ctx)
+                else:
+                    x, changed = self.env.write(node, binding, x, ctx), True
+            else:
+                self.env.compute(node)
+        if point in self.captures:
+            self.captured[point] = x
+        if self.stop_early and self.fired >= self.points:
+            raise _Stop
+        return x if changed else None
+
+    def unfired_message(self) -> str:
+        missing = sorted(self.points - self.fired)
+        sites = [
+            f"{run_name(n.run)}.{display(n.target)}"
+            for point in missing
+            for n in self.p.events.get(point, ())
+            if n.op in ("read", "write")
+        ]
+        reasons = "; ".join(f"{path or 'the model'} ({io})" for path, io in missing)
+        return (
+            f"site(s) {', '.join(sites) or '(captures)'} never ran during the forward pass: "
+            f"no call reached {reasons}. The module may be skipped for these inputs, or "
+            "the engine computes it inside a fused kernel; tracevene will not return "
+            "unpatched numbers."
+        )
+
+
+def _run_pass(model: Any, p: Pass, calls: list, env: Env) -> Any:
+    state = _PassRun(model, p, env, [batch_size(c) for c in calls])
+    args, kwargs = concat(calls)
+    handles: list[Any] = []
+    modules = model.resolver.modules
+    try:
+        with _pattern_attention(model.module, any(io == "pattern" for _, io in state.points)):
+            for point in state.points:
+                handles.append(_install(state, point, modules[point[0]]))
+            try:
+                output = model.module(*args, **kwargs)
+            except _Stop:
+                output = None
+    finally:
+        for h in handles:
+            h.remove()
+    if output is None and state.fired < state.points or state.fired < state.points:
+        raise ExecutionError(state.unfired_message())
+    if 0 in p.runs and len(p.runs) > 1:
+        output = slice_output(output, state.rows[0])
+    return output
+
+
+def _install(state: _PassRun, point: tuple[str, str], module: nn.Module) -> Any:
+    path, io = point
+    if io == "input":
+
+        def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> Any:
+            key = None if args else _tensor_kwarg(kwargs, path)
+            new = state.fire(point, args[0] if args else kwargs[key], mod, None)
+            if new is None:
+                return None
+            if key is None:
+                return (new, *args[1:]), kwargs
+            return args, {**kwargs, key: new}
+
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    if io == "output":
+
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            inp = args[0] if args else kwargs[_tensor_kwarg(kwargs, path)] if kwargs else None
+            new = state.fire(point, first_tensor(output), mod, inp)
+            return None if new is None else _replace_first(output, new)
+
+        return module.register_forward_hook(hook, with_kwargs=True)
+
+    def pattern(w: Tensor) -> Tensor:
+        new = state.fire(point, w, module, None)
+        return w if new is None else new
+
+    _PATTERN_HOOKS[id(module)] = pattern
+    return _Removable(id(module))
+
+
+class _Removable:
+    def __init__(self, key: int):
+        self.key = key
+
+    def remove(self) -> None:
+        _PATTERN_HOOKS.pop(self.key, None)
+
+
+def _tensor_kwarg(kwargs: dict, path: str) -> str:
+    for k, v in kwargs.items():
+        if isinstance(v, Tensor):
+            return k
+    raise ExecutionError(f"module {path!r} was called without a tensor argument to hook")
+
+
+def _replace_first(output: Any, new: Tensor) -> Any:
+    if isinstance(output, Tensor):
+        return new
+    if isinstance(output, tuple):
+        return (new, *output[1:])
+    if isinstance(output, list):
+        return [new, *output[1:]]
+    key = next(iter(output.keys()))
+    output[key] = new
+    return output
+
+
+# -- attention probabilities ---------------------------------------------------------
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+    """Eager attention with a hook on the probabilities (same numbers as HF's eager)."""
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask[..., : key.shape[-2]]
+    weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    hook = _PATTERN_HOOKS.get(id(module))
+    if hook is not None:
+        weights = hook(weights)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+_registered = False
+
+
+@contextlib.contextmanager
+def _pattern_attention(module: nn.Module, active: bool) -> Iterator[None]:
+    """Route attention through :func:`_attention` for the duration of one pass."""
+    global _registered
+    if not active:
+        yield
+        return
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import eager_mask
+
+    if not _registered:
+        AttentionInterface.register(ATTENTION_NAME, _attention)
+        AttentionMaskInterface.register(ATTENTION_NAME, eager_mask)
+        _registered = True
+    configs = {id(c): c for m in module.modules() if (c := getattr(m, "config", None)) is not None}
+    saved = {k: c._attn_implementation for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation = ATTENTION_NAME
+        yield
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation = saved[k]

@@ -1,0 +1,72 @@
+"""One error hierarchy for tracevene.
+
+Every message says what is wrong, what would be valid, and how to fix it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+__all__ = [
+    "TraceveneError",
+    "TraceError",
+    "SiteError",
+    "ShapeError",
+    "ScheduleError",
+    "ExecutionError",
+    "NotRunError",
+    "ProgramFormatError",
+    "BackendError",
+    "RegistryError",
+]
+
+
+class TraceveneError(Exception):
+    """Base class of every error tracevene raises on purpose."""
+
+
+class TraceError(TraceveneError):
+    """Something inside a ``with iv.trace(...)`` block cannot be recorded."""
+
+
+class SiteError(TraceveneError, KeyError):
+    """A site name, layer or head that does not exist on this model."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ShapeError(TraceveneError, ValueError):
+    """A written value whose shape does not fit the site it is written to."""
+
+
+class ScheduleError(TraceveneError):
+    """A program whose values cannot exist when they are needed."""
+
+
+class ExecutionError(TraceveneError):
+    """A node failed while the program ran; the message names the user's line."""
+
+
+class NotRunError(TraceveneError):
+    """A saved value was asked for before the program ran."""
+
+
+class ProgramFormatError(TraceveneError, ValueError):
+    """A saved program directory that is damaged or of an unknown version."""
+
+
+class BackendError(TraceveneError):
+    """A backend that is missing, unknown, or lacks a capability."""
+
+
+class RegistryError(TraceveneError):
+    """A module that cannot be serialised because it is not registered."""
+
+
+def closest(name: str, valid: Iterable[str], n: int = 3) -> list[str]:
+    """The valid names closest to ``name``, best first (for error messages)."""
+    valid = list(valid)
+    found = difflib.get_close_matches(name, valid, n=n, cutoff=0.0)
+    return found or valid[:n]

@@ -1,0 +1,157 @@
+"""The intervention-program IR: frozen nodes with a closed op vocabulary."""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import ProgramFormatError, TraceError
+
+#: The closed op vocabulary. Every node has exactly one of these ops.
+OPS: dict[str, str] = {
+    "arg": "placeholder bound when the program runs (target: its name)",
+    "const": "a tensor stored with the program (target: its key)",
+    "read": "the value of a site in one run (run, target: site)",
+    "write": "replace site[index] in one run by a value (run, target: site; args: index, value)",
+    "getitem": "x[index] (args: x, index)",
+    "setitem": "a copy of x with x[index] = value (args: x, index, value)",
+    "call_function": "an allowed function (target: qualified name, e.g. torch.cat, operator.add)",
+    "call_method": "an allowed tensor method (target: method name; args[0] is the tensor)",
+    "call_module": "an intervention module of the program (target: its key)",
+    "save": "keep a value for after the run (args: x; target: name or None)",
+}
+
+_NAMESPACES: dict[str, Any] = {
+    "torch": torch,
+    "torch.nn.functional": torch.nn.functional,
+    "torch.linalg": torch.linalg,
+    "torch.special": torch.special,
+    "torch.fft": torch.fft,
+    "operator": operator,
+}
+
+# Tensor methods that would break the program's semantics or leave the tensor world.
+_DENIED_METHODS = frozenset(
+    {
+        "backward", "register_hook", "register_post_accumulate_grad_hook", "retain_grad",
+        "numpy", "tolist", "storage", "untyped_storage", "data_ptr", "share_memory_",
+        "pin_memory", "set_", "resize_", "apply_", "map_", "map2_", "__setitem__",
+        "__setstate__", "__reduce_ex__", "__reduce__", "__deepcopy__", "__array__",
+        "__dlpack__", "__del__", "__init__", "__new__", "__init_subclass__",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A reference to the value of an earlier node."""
+
+    id: int
+
+    def __repr__(self) -> str:
+        return f"%{self.id}"
+
+
+@dataclass(frozen=True)
+class Node:
+    """One step of an intervention program.
+
+    Args:
+        id: Position of the node in the program (nodes refer to earlier ids only).
+        op: One of :data:`OPS`.
+        target: Site, function, method, module key, placeholder or save name.
+        run: For ``read`` / ``write``: 0 is the base run, k >= 1 the k-th source.
+        args: Positional arguments: :class:`Ref`, numbers, strings, ``None``,
+            slices, ``...``, dtypes, and tuples / lists of those.
+        kwargs: Keyword arguments as ``(name, value)`` pairs.
+        loc: The user's ``file:line`` that recorded the node.
+    """
+
+    id: int
+    op: str
+    target: str | None = None
+    run: int | None = None
+    args: tuple = ()
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    loc: str = field(default="", compare=False)
+
+    def refs(self) -> list[int]:
+        """Ids of the nodes this node reads."""
+        out: list[int] = []
+        _collect_refs((self.args, tuple(v for _, v in self.kwargs)), out)
+        return out
+
+
+def _collect_refs(x: Any, out: list[int]) -> None:
+    if isinstance(x, Ref):
+        out.append(x.id)
+    elif isinstance(x, (tuple, list)):
+        for item in x:
+            _collect_refs(item, out)
+    elif isinstance(x, slice):
+        _collect_refs((x.start, x.stop, x.step), out)
+
+
+def resolve_function(name: str) -> Any:
+    """The function an allowed qualified name refers to, never importing anything.
+
+    Raises:
+        ProgramFormatError: ``name`` is not ``torch.*`` / ``operator.*`` (and friends).
+    """
+    namespace, _, attr = name.rpartition(".")
+    module = _NAMESPACES.get(namespace)
+    fn = getattr(module, attr, None) if module is not None and not attr.startswith("_") else None
+    if fn is None and namespace == "operator" and attr.startswith("__"):
+        fn = getattr(operator, attr, None)
+    if fn is None or not callable(fn):
+        allowed = ", ".join(f"{ns}.*" for ns in _NAMESPACES)
+        raise ProgramFormatError(
+            f"function {name!r} is not allowed in a program; allowed are {allowed}. "
+            "Write the computation with those, or inside a registered intervention module."
+        )
+    return fn
+
+
+_FUNCTION_NAMES: dict[int, str] | None = None
+
+
+def function_name(fn: Any) -> str | None:
+    """The allowed qualified name of ``fn``, or ``None`` if it has none."""
+    global _FUNCTION_NAMES
+    if _FUNCTION_NAMES is None:
+        names: dict[int, str] = {}
+        for ns, module in reversed(list(_NAMESPACES.items())):
+            for attr in dir(module):
+                obj = getattr(module, attr, None)
+                if callable(obj) and not attr.startswith("_") or ns == "operator":
+                    names.setdefault(id(obj), f"{ns}.{attr}")
+        _FUNCTION_NAMES = names
+    return _FUNCTION_NAMES.get(id(fn))
+
+
+def check_method(name: str, error: type[Exception] = TraceError) -> str:
+    """Validate a tensor method name for ``call_method`` nodes.
+
+    Raises:
+        error: The method mutates in place, leaves the tensor world, or does not exist.
+    """
+    dunder = name.startswith("__") and name.endswith("__")
+    if name in _DENIED_METHODS or (name.startswith("_") and not dunder):
+        raise error(f"tensor method {name!r} cannot be used in a program.")
+    if name.endswith("_") and not dunder:
+        raise error(
+            f"in-place tensor method {name!r} cannot be used on traced values: use "
+            f"the out-of-place {name[:-1]!r}, or write to the site (t.<site>[...] = value)."
+        )
+    if not callable(getattr(torch.Tensor, name, None)):
+        raise error(f"{name!r} is not a tensor method.")
+    return name
+
+
+def finite(x: float) -> bool:
+    """Whether a float can be stored as a plain JSON number."""
+    return math.isfinite(x)

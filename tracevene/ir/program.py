@@ -1,0 +1,240 @@
+"""``Program``: a validated, printable, runnable, saveable intervention program."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ProgramFormatError, SiteError
+from ..sites.vocab import display, parse
+from .nodes import OPS, Node, Ref, check_method, resolve_function
+
+if TYPE_CHECKING:
+    from ..model import Model
+    from ..result import Result
+
+
+class Program:
+    """An intervention program: nodes in program order, plus modules and constants.
+
+    A program holds no activations; backends keep values in their own environment
+    while running it. Build programs with :func:`tracevene.trace`.
+
+    Args:
+        nodes: Nodes in program order; node ``i`` has id ``i``.
+        n_sources: Number of source runs (runs ``1..n_sources``; run 0 is the base).
+        modules: Intervention modules called by ``call_module`` nodes, by key.
+        tensors: Tensor constants used by ``const`` nodes, by key.
+    """
+
+    def __init__(
+        self,
+        nodes: Sequence[Node],
+        n_sources: int = 0,
+        modules: Mapping[str, nn.Module] | None = None,
+        tensors: Mapping[str, Tensor] | None = None,
+    ):
+        self.nodes: tuple[Node, ...] = tuple(nodes)
+        self.n_sources = n_sources
+        self.modules: dict[str, nn.Module] = dict(modules or {})
+        self.tensors: dict[str, Tensor] = dict(tensors or {})
+        self.validate()
+
+    # -- structure -----------------------------------------------------------
+    @property
+    def args(self) -> list[str]:
+        """Names of the placeholders that :meth:`run` must be given."""
+        return [n.target for n in self.nodes if n.op == "arg"]
+
+    @property
+    def saves(self) -> list[str]:
+        """Names of the named saves."""
+        return [n.target for n in self.nodes if n.op == "save" and n.target is not None]
+
+    def validate(self) -> None:
+        """Check every node; raise :class:`ProgramFormatError` naming the first bad one."""
+        for i, node in enumerate(self.nodes):
+            try:
+                self._check(i, node)
+            except (ProgramFormatError, SiteError) as e:
+                raise ProgramFormatError(f"node %{i} ({node.op}): {e}") from None
+
+    def _check(self, i: int, node: Node) -> None:
+        if node.id != i:
+            raise ProgramFormatError(f"has id {node.id}, expected {i} (ids follow node order)")
+        if node.op not in OPS:
+            raise ProgramFormatError(
+                f"unknown op {node.op!r}; the op vocabulary is {', '.join(OPS)}"
+            )
+        for ref in node.refs():
+            if not 0 <= ref < i:
+                raise ProgramFormatError(f"refers to %{ref}, which is not an earlier node")
+        if node.op in ("read", "write"):
+            if not isinstance(node.run, int) or not 0 <= node.run <= self.n_sources:
+                raise ProgramFormatError(
+                    f"run {node.run!r} is not 0 (base) or a source 1..{self.n_sources}"
+                )
+            parse(node.target)
+        elif node.op == "call_function":
+            resolve_function(node.target)
+        elif node.op == "call_method":
+            check_method(node.target, ProgramFormatError)
+        elif node.op == "call_module" and node.target not in self.modules:
+            raise ProgramFormatError(f"calls module {node.target!r}, which the program lacks")
+        elif node.op == "const" and node.target not in self.tensors:
+            raise ProgramFormatError(f"uses tensor {node.target!r}, which the program lacks")
+        elif node.op == "arg" and not isinstance(node.target, str):
+            raise ProgramFormatError("a placeholder needs a name")
+        if node.op == "write" and len(node.args) != 2:
+            raise ProgramFormatError("a write needs (index, value)")
+
+    # -- running -------------------------------------------------------------
+    def run(
+        self,
+        model: Model | nn.Module,
+        base: Any,
+        sources: Sequence[Any] = (),
+        *,
+        schedule: str = "auto",
+        forward_kwargs: Mapping[str, Any] | None = None,
+        **args: Any,
+    ) -> Result:
+        """Run the program on ``model``.
+
+        Args:
+            model: An :class:`tracevene.Model` (or a module, wrapped on the torch backend).
+            base: Inputs of the base run (token ids, a dict, text, or a module's input).
+            sources: Inputs of each source run, in order.
+            schedule: ``"auto"``, ``"batched"`` (base and sources in one forward pass
+                where the program allows) or ``"sequential"`` (one pass per run).
+            forward_kwargs: Extra keyword arguments for every forward call.
+            **args: Values of the placeholders (``t.arg(name)``).
+
+        Returns:
+            The saved values and the base run's output.
+        """
+        from ..model import as_model
+
+        model = as_model(model)
+        if len(sources) != self.n_sources:
+            raise ValueError(
+                f"this program has {self.n_sources} source run(s) but got {len(sources)} "
+                "source input(s): pass sources=[...] with one input per t.source()."
+            )
+        missing = [a for a in self.args if a not in args]
+        extra = [a for a in args if a not in self.args]
+        if missing or extra:
+            raise ValueError(
+                f"placeholders: program needs {self.args or 'none'}; missing {missing}, "
+                f"unexpected {extra}. Pass them as program.run(..., name=value)."
+            )
+        return model.backend.run(
+            model, self, [base, *sources], args, dict(forward_kwargs or {}), schedule
+        )
+
+    # -- files ---------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        """Save as ``program.json`` + ``tensors.safetensors`` (atomic, no pickle)."""
+        from .serialize import save_program
+
+        save_program(self, Path(directory))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Program:
+        """Load a directory written by :meth:`save`; never executes code from it."""
+        from .serialize import load_program
+
+        return load_program(Path(directory))
+
+    # -- printing ------------------------------------------------------------
+    def __str__(self) -> str:
+        runs = f"{self.n_sources} source{'s' * (self.n_sources != 1)}"
+        head = f"Program ({runs}; args: {', '.join(self.args) or 'none'})"
+        lines = [head] + [_format_node(n, self) for n in self.nodes]
+        width = max(len(line) for line in lines[1:]) if self.nodes else 0
+        for i, node in enumerate(self.nodes, start=1):
+            if node.loc:
+                lines[i] = f"{lines[i]:<{width}}  # {node.loc}"
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<Program: {len(self.nodes)} nodes, {self.n_sources} sources>"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Program):
+            return NotImplemented
+        return (
+            self.nodes == other.nodes
+            and self.n_sources == other.n_sources
+            and self.tensors.keys() == other.tensors.keys()
+            and all(torch.equal(self.tensors[k], other.tensors[k]) for k in self.tensors)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def run_name(run: int) -> str:
+    """``base`` for run 0, ``src1``, ``src2``, ... for sources."""
+    return "base" if run == 0 else f"src{run}"
+
+
+def format_arg(x: Any) -> str:
+    """An argument as it reads in a listing."""
+    if isinstance(x, Ref):
+        return repr(x)
+    if x is Ellipsis:
+        return "..."
+    if isinstance(x, slice):
+        parts = ["" if v is None else format_arg(v) for v in (x.start, x.stop, x.step)]
+        return ":".join(parts[:2]) + (f":{parts[2]}" if x.step is not None else "")
+    if isinstance(x, tuple):
+        return "(" + ", ".join(format_arg(v) for v in x) + ("," if len(x) == 1 else "") + ")"
+    if isinstance(x, list):
+        return "[" + ", ".join(format_arg(v) for v in x) + "]"
+    return repr(x)
+
+
+def format_index(index: Any) -> str:
+    """An index as it reads inside brackets."""
+    if index == ():
+        return ""
+    items = index if isinstance(index, tuple) else (index,)
+    return "[" + ", ".join(format_arg(v) for v in items) + "]"
+
+
+def _format_node(node: Node, program: Program) -> str:
+    args = ", ".join(format_arg(a) for a in node.args)
+    kwargs = "".join(f", {k}={format_arg(v)}" for k, v in node.kwargs)
+    where = f"{run_name(node.run)}.{display(node.target)}" if node.run is not None else ""
+    body = {
+        "arg": lambda: f"arg {node.target!r}",
+        "const": lambda: f"const {node.target} {_tensor_summary(program.tensors[node.target])}",
+        "read": lambda: f"read {where}",
+        "write": lambda: f"write {where}{format_index(node.args[0])} = {format_arg(node.args[1])}",
+        "getitem": lambda: f"{format_arg(node.args[0])}{format_index(node.args[1])}",
+        "setitem": lambda: (
+            f"copy of {format_arg(node.args[0])} with {format_index(node.args[1])} "
+            f"= {format_arg(node.args[2])}"
+        ),
+        "call_function": lambda: f"{node.target}({args}{kwargs})",
+        "call_method": lambda: (
+            f"{format_arg(node.args[0])}.{node.target}("
+            f"{', '.join(format_arg(a) for a in node.args[1:])}{kwargs})"
+        ).replace("(, ", "("),
+        "call_module": lambda: f"{node.target}[{_module_name(program, node)}]({args}{kwargs})",
+        "save": lambda: f"save {format_arg(node.args[0])}"
+        + (f" as {node.target!r}" if node.target else ""),
+    }[node.op]()
+    return f"  %{node.id} = {body}"
+
+
+def _tensor_summary(t: Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+
+
+def _module_name(program: Program, node: Node) -> str:
+    return type(program.modules[node.target]).__name__

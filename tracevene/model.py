@@ -1,0 +1,116 @@
+"""``iv.Model``: a torch module together with the backend that runs programs on it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backends.base import Backend, get_backend
+from .sites.bind import Resolver
+
+
+class Model:
+    """A model wrapped for tracevene. Create with :func:`wrap` or :func:`load`.
+
+    Attributes:
+        module: The torch module the backend runs.
+        tokenizer: The tokenizer used for string inputs (or ``None``).
+        backend: The backend object.
+    """
+
+    def __init__(self, module: nn.Module, backend: Backend, tokenizer: Any = None):
+        self.module = backend.prepare(module)
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.resolver = Resolver(self.module)
+
+    @property
+    def n_layers(self) -> int | None:
+        """Number of blocks (``None`` for modules without a site table)."""
+        return self.resolver.n_layers
+
+    @property
+    def n_heads(self) -> int | None:
+        """Number of attention (query) heads per block."""
+        return self.resolver.n_heads
+
+    @property
+    def d_model(self) -> int | None:
+        """Width of the residual stream."""
+        return self.resolver.d_model
+
+    def sites(self) -> list[str]:
+        """The vocabulary sites this model offers (``{h}`` stands for a head index)."""
+        return self.resolver.sites()
+
+    def check_site(self, site: str) -> None:
+        """Raise a clear :class:`tracevene.errors.SiteError` if ``site`` is not valid here."""
+        self.backend.check_site(self, site)
+
+    def to_backend(self, name: str) -> Model:
+        """The same weights under another backend."""
+        return Model(self.module, get_backend(name), self.tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the module's first parameter (CPU if it has none)."""
+        p = next(self.module.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def __repr__(self) -> str:
+        arch = self.resolver.arch.name if self.resolver.arch else type(self.module).__name__
+        return f"<tracevene.Model {arch} on {self.backend.name!r}>"
+
+
+def wrap(model: nn.Module | Model, backend: str | None = None, tokenizer: Any = None) -> Model:
+    """Wrap a model so programs can run on it.
+
+    Args:
+        model: A Hugging Face model, or any ``nn.Module``.
+        backend: ``"torch"`` (``None`` picks it).
+        tokenizer: Tokenizer for string inputs.
+
+    Returns:
+        The wrapped model; the caller's module is not changed.
+    """
+    if isinstance(model, Model):
+        return model if backend in (None, model.backend.name) else model.to_backend(backend)
+    return Model(model, get_backend(backend or "torch"), tokenizer)
+
+
+def as_model(model: Any) -> Model:
+    """``model`` itself if wrapped, else wrapped on the default backend."""
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, nn.Module):
+        return wrap(model)
+    raise TypeError(f"expected a tracevene Model or a torch nn.Module, got {type(model).__name__}")
+
+
+def load(name_or_path: str, backend: str | None = None, **from_pretrained_kwargs: Any) -> Model:
+    """Load a Hugging Face model and its tokenizer with ``from_pretrained``.
+
+    Args:
+        name_or_path: Hub id or local directory.
+        backend: As in :func:`wrap`.
+        **from_pretrained_kwargs: Passed to ``from_pretrained``.
+    """
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(name_or_path)
+    auto = (
+        transformers.AutoModelForCausalLM
+        if config.model_type in _CAUSAL_TYPES
+        else transformers.AutoModel
+    )
+    module = auto.from_pretrained(name_or_path, **from_pretrained_kwargs).eval()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError):
+        tokenizer = None
+    return wrap(module, backend, tokenizer)
+
+
+_CAUSAL_TYPES = {"gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gemma"}

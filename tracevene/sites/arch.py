@@ -1,0 +1,195 @@
+"""Per-architecture site tables: where each vocabulary site lives in a model.
+
+Adding an architecture is adding one :class:`Arch` entry; backends never branch
+on the architecture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Hook:
+    """Where a vocabulary site is read and written.
+
+    Attributes:
+        path: Module path, relative to the base model; ``{layer}`` expands to the
+            layer's path and ``{layer0}`` to the first layer's; a path starting with
+            ``^`` is relative to the top module.
+        io: ``"input"`` (first positional argument), ``"output"`` (the output, or its
+            first element), or ``"pattern"`` (attention probabilities inside the
+            attention module at ``path``).
+        view: How the site's tensor is cut from the hooked tensor: ``"ident"``,
+            ``"heads"`` (last dim -> heads x head_dim), ``"split{j}/{n}"`` (chunk j of n
+            of the last dim, then heads), ``"interleaved{j}/{n}"`` (last dim is heads x n
+            x head_dim: part j), ``"head_out"`` (one head's share of the output
+            projection), ``"resid_mid"`` (layer input + attention output).
+        heads: ``"q"`` for query heads, ``"kv"`` for key-value heads.
+        order_as: ``(path, io)`` whose place in forward order this site takes, for a
+            hook that runs elsewhere (attention probabilities) or whose module is
+            registered out of execution order.
+        sub: Tie-break among sites at one place in forward order.
+    """
+
+    path: str
+    io: str = "output"
+    view: str = "ident"
+    heads: str = "q"
+    order_as: tuple[str, str] | None = None
+    sub: int = 0
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Where the vocabulary sites live in one family of Hugging Face models.
+
+    Attributes:
+        name: Family name shown in messages.
+        model_types: Hugging Face ``config.model_type`` values this table serves.
+        base: Name of the base model inside the LM-head model (``transformer`` in
+            ``GPT2LMHeadModel``). Paths are relative to the base model; a path starting
+            with ``^`` is relative to the top module (the LM head).
+        layers: Path of the ``nn.ModuleList`` of blocks, relative to the base model.
+        sites: Vocabulary key -> :class:`Hook`.
+        unsupported: Vocabulary key -> why this family has no such site.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    base: str
+    layers: str
+    sites: dict[str, Hook]
+    unsupported: dict[str, str] = field(default_factory=dict)
+
+
+def _attention_sites(qkv: dict[str, Hook], attn: str, o_proj: str) -> dict[str, Hook]:
+    return {
+        **qkv,
+        "attn.pattern": Hook(attn, "pattern", order_as=(o_proj, "input"), sub=-1),
+        "attn.z": Hook(o_proj, "input", "heads"),
+        "attn.head_out": Hook(o_proj, "output", "head_out"),
+    }
+
+
+def _llama_like(name: str, types: tuple[str, ...]) -> Arch:
+    attn, o_proj = "{layer}.self_attn", "{layer}.self_attn.o_proj"
+    qkv = {
+        "attn.q": Hook(attn + ".q_proj", "output", "heads", "q"),
+        "attn.k": Hook(attn + ".k_proj", "output", "heads", "kv"),
+        "attn.v": Hook(attn + ".v_proj", "output", "heads", "kv"),
+    }
+    return Arch(
+        name, types, "model", "layers",
+        {
+            "embed": Hook("{layer0}", "input"),
+            "resid_pre": Hook("{layer}", "input"),
+            **_attention_sites(qkv, attn, o_proj),
+            "attn.out": Hook(attn, "output"),
+            "resid_mid": Hook(attn, "output", "resid_mid"),
+            "mlp.hidden": Hook("{layer}.mlp.down_proj", "input"),
+            "mlp.out": Hook("{layer}.mlp", "output"),
+            "resid_post": Hook("{layer}", "output"),
+            "final": Hook("norm", "output"),
+            "logits": Hook("^lm_head", "output"),
+        },
+    )  # fmt: skip
+
+
+GPT2 = Arch(
+    "GPT-2", ("gpt2",), "transformer", "h",
+    {
+        "embed": Hook("{layer0}", "input"),
+        "resid_pre": Hook("{layer}", "input"),
+        **_attention_sites(
+            {
+                f"attn.{x}": Hook("{layer}.attn.c_attn", "output", f"split{j}/3")
+                for j, x in enumerate("qkv")
+            },
+            "{layer}.attn",
+            "{layer}.attn.c_proj",
+        ),
+        "attn.out": Hook("{layer}.attn", "output"),
+        "resid_mid": Hook("{layer}.attn", "output", "resid_mid"),
+        "mlp.hidden": Hook("{layer}.mlp.c_proj", "input"),
+        "mlp.out": Hook("{layer}.mlp", "output"),
+        "resid_post": Hook("{layer}", "output"),
+        "final": Hook("ln_f", "output"),
+        "logits": Hook("^lm_head", "output"),
+    },
+)  # fmt: skip
+
+GPT_NEOX = Arch(
+    "GPT-NeoX", ("gpt_neox",), "gpt_neox", "layers",
+    {
+        "embed": Hook("{layer0}", "input"),
+        "resid_pre": Hook("{layer}", "input"),
+        **_attention_sites(
+            {
+                f"attn.{x}": Hook("{layer}.attention.query_key_value", "output", f"interleaved{j}/3")
+                for j, x in enumerate("qkv")
+            },
+            "{layer}.attention",
+            "{layer}.attention.dense",
+        ),
+        "attn.out": Hook("{layer}.attention", "output"),
+        "resid_mid": Hook("{layer}.attention", "output", "resid_mid"),
+        "mlp.hidden": Hook("{layer}.mlp.dense_4h_to_h", "input"),
+        "mlp.out": Hook("{layer}.mlp", "output"),
+        "resid_post": Hook("{layer}", "output"),
+        "final": Hook("final_layer_norm", "output"),
+        "logits": Hook("^embed_out", "output"),
+    },
+)  # fmt: skip
+
+BERT = Arch(
+    "BERT", ("bert",), "bert", "encoder.layer",
+    {
+        "embed": Hook("{layer0}", "input"),
+        "resid_pre": Hook("{layer}", "input"),
+        **_attention_sites(
+            {
+                f"attn.{x}": Hook(f"{{layer}}.attention.self.{name}", "output", "heads")
+                for x, name in zip("qkv", ("query", "key", "value"), strict=True)
+            },
+            "{layer}.attention.self",
+            "{layer}.attention.output.dense",
+        ),
+        "attn.out": Hook("{layer}.attention.output.dense", "output"),
+        "resid_mid": Hook("{layer}.attention", "output"),
+        "mlp.hidden": Hook("{layer}.output.dense", "input"),
+        "mlp.out": Hook("{layer}.output.dense", "output"),
+        "resid_post": Hook("{layer}", "output"),
+        "logits": Hook("^cls.predictions", "output"),
+    },
+    unsupported={
+        "final": "BERT is post-LayerNorm and has no final norm; read layer[-1].resid_post",
+    },
+)  # fmt: skip
+
+LLAMA = _llama_like("Llama", ("llama",))
+MISTRAL = _llama_like("Mistral", ("mistral",))
+QWEN2 = _llama_like("Qwen2", ("qwen2",))
+GEMMA = _llama_like("Gemma", ("gemma",))
+
+ARCHES: tuple[Arch, ...] = (GPT2, GPT_NEOX, LLAMA, MISTRAL, QWEN2, GEMMA, BERT)
+
+
+def find_arch(module: nn.Module) -> tuple[Arch, str] | None:
+    """The table for a Hugging Face model, and the path prefix of its base model.
+
+    Returns:
+        ``(arch, prefix)`` where ``prefix`` is ``"transformer."`` for
+        ``GPT2LMHeadModel`` and ``""`` for a bare ``GPT2Model``; ``None`` for modules
+        that no table covers.
+    """
+    model_type = getattr(getattr(module, "config", None), "model_type", None)
+    for arch in ARCHES:
+        if model_type in arch.model_types:
+            names = dict(module.named_modules())
+            for prefix in (arch.base + ".", ""):
+                if prefix + arch.layers in names:
+                    return arch, prefix
+    return None

@@ -1,0 +1,315 @@
+"""Binding site names to hook points of one concrete model."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import SiteError, closest
+from .arch import Arch, Hook, find_arch
+from .vocab import Site, display, parse, vocabulary
+
+HEAD_DIM = {"attn.q": 2, "attn.k": 2, "attn.v": 2, "attn.z": 2, "attn.pattern": 1}
+
+
+@dataclass
+class Ctx:
+    """What a view may need besides the hooked tensor, for one firing of a hook.
+
+    Attributes:
+        module: The hooked module.
+        input: The module's first input (for output hooks), all batch rows.
+        captured: Tensors captured earlier in the same forward, by ``(path, io)``.
+        rows: The batch rows of the run being read or written.
+        state: Scratch space shared by the views of this firing.
+    """
+
+    module: nn.Module
+    input: Tensor | None = None
+    captured: dict[tuple[str, str], Tensor] = field(default_factory=dict)
+    rows: slice = field(default_factory=lambda: slice(None))
+    state: dict[Any, Tensor] = field(default_factory=dict)
+
+
+Getter = Callable[[Tensor, Ctx], Tensor]
+Setter = Callable[[Tensor, Tensor, Ctx], Tensor]
+
+
+@dataclass(frozen=True)
+class Binding:
+    """A site bound to one model: where to hook, and how to cut the tensor.
+
+    Attributes:
+        site: The parsed site.
+        path: Module path of the hook.
+        io: ``"input"``, ``"output"`` or ``"pattern"``.
+        order: Sort key of the site in forward order.
+        get: ``get(hooked_rows, ctx) -> site tensor``.
+        set: ``set(hooked_rows, new_site_tensor, ctx) -> new hooked tensor``.
+        captures: ``(path, io)`` pairs the view needs captured earlier in the forward.
+    """
+
+    site: Site
+    path: str
+    io: str
+    order: tuple
+    get: Getter
+    set: Setter
+    captures: tuple[tuple[str, str], ...] = ()
+
+
+def _ident_get(x: Tensor, ctx: Ctx) -> Tensor:
+    return x
+
+
+def _ident_set(x: Tensor, new: Tensor, ctx: Ctx) -> Tensor:
+    return new
+
+
+def _heads_view(n: int, dh: int, part: int = 0, parts: int = 1) -> tuple[Getter, Setter]:
+    width = n * dh
+
+    def get(x: Tensor, ctx: Ctx) -> Tensor:
+        return x[..., part * width : (part + 1) * width].unflatten(-1, (n, dh))
+
+    def put(x: Tensor, new: Tensor, ctx: Ctx) -> Tensor:
+        if parts == 1:
+            return new.flatten(-2)
+        y = x.clone()
+        y[..., part * width : (part + 1) * width] = new.flatten(-2)
+        return y
+
+    return get, put
+
+
+def _interleaved_view(n: int, dh: int, part: int, parts: int) -> tuple[Getter, Setter]:
+    def get(x: Tensor, ctx: Ctx) -> Tensor:
+        return x.unflatten(-1, (n, parts, dh))[..., part, :]
+
+    def put(x: Tensor, new: Tensor, ctx: Ctx) -> Tensor:
+        y = x.clone()
+        y.unflatten(-1, (n, parts, dh))[..., part, :] = new
+        return y
+
+    return get, put
+
+
+def _head_weight(module: nn.Module, h: int, dh: int) -> Tensor:
+    """Rows of the output projection that head ``h`` writes through, as ``[dh, d_out]``."""
+    w = module.weight
+    if isinstance(module, nn.Linear):
+        return w[:, h * dh : (h + 1) * dh].T
+    return w[h * dh : (h + 1) * dh]  # transformers' Conv1D stores [d_in, d_out]
+
+
+def _head_out_view(h: int, dh: int) -> tuple[Getter, Setter]:
+    def get(out: Tensor, ctx: Ctx) -> Tensor:
+        z = ctx.input[ctx.rows][..., h * dh : (h + 1) * dh]
+        value = z @ _head_weight(ctx.module, h, dh)
+        delta = ctx.state.get((h, ctx.rows.start, ctx.rows.stop))
+        return value if delta is None else value + delta
+
+    def put(out: Tensor, new: Tensor, ctx: Ctx) -> Tensor:
+        old = get(out, ctx)
+        key = (h, ctx.rows.start, ctx.rows.stop)
+        ctx.state[key] = ctx.state.get(key, 0) + (new - old)
+        return out + (new - old)
+
+    return get, put
+
+
+def _resid_mid_view(layer_path: str) -> tuple[Getter, Setter]:
+    key = (layer_path, "input")
+
+    def get(out: Tensor, ctx: Ctx) -> Tensor:
+        return ctx.captured[key][ctx.rows] + out
+
+    def put(out: Tensor, new: Tensor, ctx: Ctx) -> Tensor:
+        return new - ctx.captured[key][ctx.rows]
+
+    return get, put
+
+
+def _select_head(view: tuple[Getter, Setter], dim: int, h: int) -> tuple[Getter, Setter]:
+    base_get, base_set = view
+    index = (slice(None),) * dim + (h,)
+
+    def get(x: Tensor, ctx: Ctx) -> Tensor:
+        return base_get(x, ctx)[index]
+
+    def put(x: Tensor, new: Tensor, ctx: Ctx) -> Tensor:
+        full = base_get(x, ctx).clone()
+        full[index] = new
+        return base_set(x, full, ctx)
+
+    return get, put
+
+
+def module_order(root: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """``path -> (pre-order index, index of last descendant, depth)`` for every module."""
+    order: dict[str, tuple[int, int, int]] = {}
+    names = [name for name, _ in root.named_modules()]
+    for i, name in enumerate(names):
+        prefix = name + "." if name else ""
+        last = i
+        while last + 1 < len(names) and names[last + 1].startswith(prefix):
+            last += 1
+        order[name] = (i, last, name.count(".") + bool(name))
+    return order
+
+
+class Resolver:
+    """Binds site names to the hook points of one model (cached)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.modules = dict(module.named_modules())
+        self._order = module_order(module)
+        found = find_arch(module)
+        self.arch: Arch | None = found[0] if found else None
+        self.prefix = found[1] if found else ""
+        self._cache: dict[str, Binding] = {}
+        config = getattr(module, "config", None)
+        if self.arch is not None:
+            self.n_layers = len(self.modules[self.prefix + self.arch.layers])
+            self.n_heads = config.num_attention_heads
+            self.n_kv_heads = getattr(config, "num_key_value_heads", None) or self.n_heads
+            self.d_model = config.hidden_size
+            self.d_head = getattr(config, "head_dim", None) or self.d_model // self.n_heads
+        else:
+            self.n_layers = self.n_heads = self.n_kv_heads = self.d_model = self.d_head = None
+
+    # -- names ---------------------------------------------------------------
+    def sites(self) -> list[str]:
+        """Vocabulary sites this model offers, in forward order."""
+        if self.arch is None:
+            return []
+        keys = set(self.arch.sites) | {"attn.head"}
+        out = []
+        for name in vocabulary(self.n_layers):
+            s = parse(name.replace("{h}", "0"))
+            key = "attn.head" if s.head is not None else s.key
+            if key in keys:
+                out.append(name)
+        return out
+
+    def check(self, name: str) -> Site:
+        """Parse and validate a site name for this model (without binding hooks).
+
+        Raises:
+            SiteError: Unknown name, layer or head out of range, or a site this
+                architecture does not have.
+        """
+        site = parse(name)
+        if site.kind == "hook":
+            raise SiteError(
+                f"{display(name)} names a TransformerLens hook point; hook sites need the "
+                "transformer_lens backend. On this backend use t.module(path).output."
+            )
+        if site.kind == "module":
+            self._module(site.key)
+            return site
+        if self.arch is None:
+            raise SiteError(
+                f"{display(name)}: this {type(self.module).__name__} has no site table, so "
+                "only module sites exist: use t.module('path').output (paths: "
+                f"{', '.join(closest('', [n for n in self.modules if n], 6))}, ...)."
+            )
+        if site.layer is not None and not 0 <= site.layer < self.n_layers:
+            raise SiteError(
+                f"layer {site.layer} is out of range: this model has layers "
+                f"0..{self.n_layers - 1} (negative indices count from the end)."
+            )
+        if site.head is not None:
+            n = self.n_kv_heads if site.key in ("attn.k", "attn.v") else self.n_heads
+            if not 0 <= site.head < n:
+                what = "key/value heads" if n != self.n_heads else "heads"
+                raise SiteError(
+                    f"head {site.head} is out of range for {display(name)}: layer "
+                    f"{site.layer} has {what} 0..{n - 1}."
+                )
+        key = "attn.head_out" if site.key == "attn.out" and site.head is not None else site.key
+        if key in self.arch.unsupported:
+            raise SiteError(f"{display(name)} is not available: {self.arch.unsupported[key]}.")
+        if key not in self.arch.sites:
+            raise SiteError(
+                f"{display(name)} is not available on {self.arch.name} models "
+                f"(sites: {', '.join(sorted(self.arch.sites))})."
+            )
+        return site
+
+    def _module(self, path: str) -> nn.Module:
+        if path not in self.modules:
+            near = ", ".join(repr(p) for p in closest(path, [n for n in self.modules if n]))
+            raise SiteError(f"no module {path!r} in this model; closest paths: {near}.")
+        return self.modules[path]
+
+    # -- binding -------------------------------------------------------------
+    def bind(self, name: str) -> Binding:
+        """The :class:`Binding` of a site name (validated, cached)."""
+        if name not in self._cache:
+            self._cache[name] = self._bind(self.check(name))
+        return self._cache[name]
+
+    def _bind(self, site: Site) -> Binding:
+        if site.kind == "module":
+            order = (*self._key(site.key, site.io), 0)
+            return Binding(site, site.key, site.io, order, _ident_get, _ident_set)
+        key = "attn.head_out" if site.key == "attn.out" and site.head is not None else site.key
+        hook = self.arch.sites[key]
+        path = self._path(hook.path, site.layer)
+        self._module(path)
+        order_path, order_io = hook.order_as or (hook.path, hook.io)
+        order = (*self._key(self._path(order_path, site.layer), order_io), hook.sub)
+        get, put = self._view(hook, site)
+        captures = ()
+        if hook.view == "resid_mid":
+            captures = ((self._path("{layer}", site.layer), "input"),)
+        return Binding(site, path, hook.io, order, get, put, captures)
+
+    def _path(self, template: str, layer: int | None) -> str:
+        if template.startswith("^"):
+            return template[1:]
+        layers = self.prefix + self.arch.layers
+        return self.prefix + template if "{" not in template else template.format(
+            layer=f"{layers}.{layer}", layer0=f"{layers}.0"
+        )
+
+    def _key(self, path: str, io: str) -> tuple[int, int]:
+        pre, last, depth = self._order[path]
+        return (2 * pre, depth) if io == "input" else (2 * last + 1, -depth)
+
+    def _view(self, hook: Hook, site: Site) -> tuple[Getter, Setter]:
+        n = self.n_kv_heads if hook.heads == "kv" else self.n_heads
+        dh = self.d_head
+        if hook.view == "head_out":
+            return _head_out_view(site.head, dh)
+        if hook.view == "resid_mid":
+            view = _resid_mid_view(self._path("{layer}", site.layer))
+        elif hook.view == "heads":
+            view = _heads_view(n, dh)
+        elif hook.view.startswith(("split", "interleaved")):
+            part, parts = (int(v) for v in re.findall(r"\d+", hook.view))
+            make = _heads_view if hook.view.startswith("split") else _interleaved_view
+            view = make(n, dh, part, parts)
+        else:
+            view = (_ident_get, _ident_set)
+        if site.head is not None:
+            view = _select_head(view, HEAD_DIM[site.key], site.head)
+        return view
+
+
+def first_tensor(x: Any) -> Tensor:
+    """The tensor a module produced: itself, or the first element of a tuple/output."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
+        return x[0]
+    if hasattr(x, "to_tuple"):
+        return first_tensor(x.to_tuple())
+    raise TypeError(f"expected a tensor or a tuple starting with one, got {type(x).__name__}")

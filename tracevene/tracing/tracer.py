@@ -1,0 +1,411 @@
+"""The with-block front-end: ``iv.trace``, runs, site proxies and recording."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..errors import ScheduleError, SiteError, TraceError
+from ..ir.nodes import Node, Ref
+from ..ir.program import Program
+from ..sites.vocab import check_child
+from .values import Saved, Value, _find_tracer
+
+if TYPE_CHECKING:
+    from ..model import Model
+    from ..result import Result
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+_state = threading.local()
+
+
+def _user_location() -> str:
+    """``file:line`` of the innermost frame outside tracevene and torch."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if not path.startswith((_PACKAGE_DIR, _TORCH_DIR)):
+            return f"{os.path.basename(path)}:{frame.f_lineno}"
+        frame = frame.f_back
+    return ""
+
+
+class Tracer:
+    """Records the nodes of one with-block."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        self.nodes: list[Node] = []
+        self.n_sources = 0
+        self.modules: dict[str, nn.Module] = {}
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._module_keys: dict[int, str] = {}
+        self._tensor_refs: dict[int, Ref] = {}
+        self.source_inputs: list[Any] = []
+        self.save_names: set[str] = set()
+        self.program: Program | None = None
+        self.result: Result | None = None
+        self.closed = False
+
+    # -- recording -------------------------------------------------------------
+    def add(self, op: str, target: str | None, run: int | None, args: tuple = (),
+            kwargs: dict | None = None) -> int:  # fmt: skip
+        """Record a node and return its id."""
+        if self.closed:
+            raise TraceError(
+                "this with-block has ended; traced values cannot be used after it. Use "
+                "saved.value for results, or record a new block."
+            )
+        args = tuple(self._lift(a) for a in args)
+        kw = tuple((k, self._lift(v)) for k, v in (kwargs or {}).items())
+        node = Node(len(self.nodes), op, target, run, args, kw, _user_location())
+        self.nodes.append(node)
+        return node.id
+
+    def value(self, op: str, target: str | None, args: tuple = (), kwargs: dict | None = None):
+        """Record a node and return a :class:`Value` for its result."""
+        return Value(self, self.add(op, target, None, args, kwargs))
+
+    def save(self, value: Value, name: str | None) -> Saved:
+        """Record a save of ``value``."""
+        if name is not None:
+            if not isinstance(name, str) or name in self.save_names:
+                raise TraceError(f"save name {name!r} is already used or not a string.")
+            self.save_names.add(name)
+        save = self.add("save", name, None, (value,))
+        return Saved(self, value._node, save, name)
+
+    def _lift(self, x: Any) -> Any:
+        """Turn a Python argument into a node argument (values -> refs, tensors -> consts)."""
+        if isinstance(x, Value):
+            if x._tracer is not self:
+                raise TraceError("a traced value from another with-block cannot be used here.")
+            return Ref(x._node)
+        if isinstance(x, torch.Tensor):
+            return self._const(x)
+        if isinstance(x, (tuple, list)):
+            items = [self._lift(v) for v in x]
+            return tuple(items) if isinstance(x, tuple) else items
+        if isinstance(x, slice):
+            return slice(self._lift(x.start), self._lift(x.stop), self._lift(x.step))
+        if x is None or x is Ellipsis or isinstance(x, (bool, int, float, str, torch.dtype)):
+            return x
+        if isinstance(x, torch.Size):
+            return tuple(x)
+        raise TraceError(
+            f"cannot record an argument of type {type(x).__name__} ({x!r}); programs hold "
+            "tensors, numbers, strings, slices and tuples/lists of those."
+        )
+
+    def _const(self, t: torch.Tensor) -> Ref:
+        if id(t) not in self._tensor_refs:
+            key = f"c{len(self.tensors)}"
+            self.tensors[key] = t
+            node = Node(len(self.nodes), "const", key, loc=_user_location())
+            self.nodes.append(node)
+            self._tensor_refs[id(t)] = Ref(node.id)
+        return self._tensor_refs[id(t)]
+
+    def call_module(self, module: nn.Module, args: tuple, kwargs: dict) -> Value:
+        """Record one call of an intervention module on traced values."""
+        if id(module) not in self._module_keys:
+            key = f"m{len(self.modules)}"
+            self.modules[key] = module
+            self._module_keys[id(module)] = key
+        return self.value("call_module", self._module_keys[id(module)], args, kwargs)
+
+    def read(self, run: int, site: str) -> int:
+        """Record a read of ``site`` in ``run``."""
+        self.model.check_site(site)
+        return self.add("read", site, run)
+
+    def write(self, run: int, site: str, index: Any, value: Any) -> None:
+        """Record ``run.site[index] = value``."""
+        self.model.check_site(site)
+        if not isinstance(value, (Value, torch.Tensor, int, float, bool)):
+            raise TraceError(
+                f"cannot write a {type(value).__name__} to a site: write a traced value, a "
+                "tensor or a number."
+            )
+        self.add("write", site, run, (index, value))
+
+    # -- finishing ---------------------------------------------------------------
+    def build(self) -> Program:
+        """The recorded program, without reads and constants that nothing uses."""
+        used = {r for n in self.nodes for r in n.refs()}
+        keep = [n for n in self.nodes if n.op not in ("read", "const") or n.id in used]
+        new_id = {n.id: i for i, n in enumerate(keep)}
+
+        def remap(x: Any) -> Any:
+            if isinstance(x, Ref):
+                return Ref(new_id[x.id])
+            if isinstance(x, (tuple, list)):
+                return type(x)(remap(v) for v in x)
+            if isinstance(x, slice):
+                return slice(remap(x.start), remap(x.stop), remap(x.step))
+            return x
+
+        nodes = [
+            Node(new_id[n.id], n.op, n.target, n.run, remap(n.args),
+                 tuple((k, remap(v)) for k, v in n.kwargs), n.loc)
+            for n in keep
+        ]  # fmt: skip
+        consts = {n.target for n in nodes if n.op == "const"}
+        tensors = {k: v for k, v in self.tensors.items() if k in consts}
+        self.node_map = new_id
+        return Program(nodes, self.n_sources, self.modules, tensors)
+
+
+# -- proxies for runs and sites ----------------------------------------------------
+class SiteValue(Value):
+    """The value at a site of one run; assigning into it writes the site."""
+
+    __slots__ = ("_run", "_site")
+
+    def __init__(self, tracer: Tracer, run: int, site: str):
+        super().__init__(tracer, tracer.read(run, site))
+        object.__setattr__(self, "_run", run)
+        object.__setattr__(self, "_site", site)
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self._tracer.write(self._run, self._site, index, value)
+        object.__setattr__(self, "_node", self._tracer.read(self._run, self._site))
+
+
+class _Scope:
+    """An attribute path inside a run (``t.layer[3].attn``): children are sites or scopes."""
+
+    __slots__ = ("_tracer", "_run", "_prefix", "_level", "_where")
+
+    def __init__(self, tracer: Tracer, run: int, prefix: str, level: str, where: str):
+        for k, v in zip(_Scope.__slots__, (tracer, run, prefix, level, where), strict=True):
+            object.__setattr__(self, k, v)
+
+    def _name(self, attr: str) -> str:
+        check_child(self._level, attr, self._where)
+        return f"{self._prefix}{attr}"
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        name = self._name(attr)
+        if attr in ("attn", "mlp"):
+            return _Scope(self._tracer, self._run, name + ".", attr, f"{self._where}.{attr}")
+        if attr in ("layer", "head"):
+            return _Indexed(self, attr)
+        return SiteValue(self._tracer, self._run, name)
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        self._tracer.write(self._run, self._name(attr), (), value)
+
+
+class _Indexed:
+    """``t.layer`` / ``attn.head``: indexable by int (negative counts from the end)."""
+
+    __slots__ = ("_scope", "_kind")
+
+    def __init__(self, scope: _Scope, kind: str):
+        self._scope, self._kind = scope, kind
+
+    def __len__(self) -> int:
+        return self._count()
+
+    def _count(self) -> int:
+        model = self._scope._tracer.model
+        return model.n_layers if self._kind == "layer" else model.n_heads
+
+    def __getitem__(self, i: int) -> _Scope:
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise SiteError(
+                f"{self._kind}[{i!r}]: index {self._kind}s with a plain int "
+                f"(loop with for i in range(...) to cover several)."
+            )
+        n = self._count()
+        if n is not None and i < 0:
+            i += n
+        s = self._scope
+        where = f"{s._where}.{self._kind}[{i}]".lstrip(".")
+        return _Scope(s._tracer, s._run, f"{s._prefix}{self._kind}.{i}.", self._kind, where)
+
+    def __iter__(self):
+        return (self[i] for i in range(self._count()))
+
+
+class _ModuleSites:
+    """``t.module(path)``: ``.input`` and ``.output`` sites of any submodule."""
+
+    def __init__(self, tracer: Tracer, run: int, path: str):
+        self._tracer, self._run, self._path = tracer, run, path
+        tracer.model.check_site(f"module:{path}:output")
+
+    @property
+    def input(self) -> SiteValue:
+        """The module's first positional argument."""
+        return SiteValue(self._tracer, self._run, f"module:{self._path}:input")
+
+    @input.setter
+    def input(self, value: Any) -> None:
+        self._tracer.write(self._run, f"module:{self._path}:input", (), value)
+
+    @property
+    def output(self) -> SiteValue:
+        """The module's output (its first element when it returns a tuple)."""
+        return SiteValue(self._tracer, self._run, f"module:{self._path}:output")
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        self._tracer.write(self._run, f"module:{self._path}:output", (), value)
+
+
+class Run(_Scope):
+    """One run of the model inside a trace: the base run (``t``) or a source.
+
+    Sites are attributes: ``t.layer[3].mlp.out``, ``t.embed``, ``t.logits``.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, tracer: Tracer, run: int):
+        super().__init__(tracer, run, "", "run", "t" if run == 0 else f"src{run}")
+
+    def module(self, path: str) -> _ModuleSites:
+        """Sites of any submodule: ``t.module("transformer.h.3.mlp").output``."""
+        return _ModuleSites(self._tracer, self._run, path)
+
+    def hook(self, name: str) -> SiteValue:
+        """A TransformerLens hook point (``blocks.3.hook_mlp_out``)."""
+        return SiteValue(self._tracer, self._run, f"hook:{name}")
+
+    def source(self, inputs: Any = None) -> Run:
+        """Another run of the same model (a source for interchange interventions)."""
+        self._base_only("source")
+        tracer = self._tracer
+        tracer.n_sources += 1
+        tracer.source_inputs.append(inputs)
+        return Run(tracer, tracer.n_sources)
+
+    def arg(self, name: str) -> Value:
+        """A placeholder bound when the program runs: ``program.run(..., name=value)``."""
+        self._base_only("arg")
+        if any(n.op == "arg" and n.target == name for n in self._tracer.nodes):
+            raise TraceError(f"placeholder {name!r} is already defined; reuse its value.")
+        return self._tracer.value("arg", name)
+
+    @property
+    def program(self) -> Program:
+        """The recorded program (after the block)."""
+        if self._tracer.program is None:
+            raise TraceError("t.program is available after the with-block ends.")
+        return self._tracer.program
+
+    @property
+    def output(self) -> Any:
+        """The base run's model output (after a block that ran)."""
+        self._base_only("output")
+        if self._tracer.result is None:
+            from ..errors import NotRunError
+
+            raise NotRunError(
+                "t.output exists after a with-block that was given inputs has ended."
+            )
+        return self._tracer.result.output
+
+    def _base_only(self, what: str) -> None:
+        if self._run != 0:
+            raise TraceError(f"{what} belongs to the base run t, not to source {self._run}.")
+
+    def __repr__(self) -> str:
+        return f"<run {self._where}>"
+
+
+# -- module calls on traced values ------------------------------------------------------
+_original_call = nn.Module.__call__
+
+
+def _patched_call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    tracer = _find_tracer((args, kwargs))
+    if tracer is not None and tracer in getattr(_state, "active", ()):
+        return tracer.call_module(module, args, kwargs)
+    return _original_call(module, *args, **kwargs)
+
+
+class trace:  # noqa: N801 - used as a function: iv.trace(model, ...)
+    """Record an intervention program, and run it when the block ends if given inputs.
+
+    Args:
+        model: A :class:`tracevene.Model`, or any ``nn.Module`` (wrapped on the torch
+            backend).
+        base: Inputs of the base run; ``None`` only records a reusable program.
+        schedule: ``"auto"``, ``"batched"`` or ``"sequential"`` (see ``Program.run``).
+        **kwargs: Values of placeholders (``t.arg(name)``) by name; the rest are keyword
+            arguments of the model's forward.
+
+    Example:
+        ```python
+        import torch, transformers
+        import tracevene as iv
+
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100)
+        model = iv.wrap(transformers.GPT2LMHeadModel(cfg), backend="torch")
+        base, source = torch.randint(0, 100, (2, 2, 6))
+        with iv.trace(model, base) as t:
+            src = t.source(source)
+            t.layer[1].mlp.out[:, 4] = src.layer[1].mlp.out[:, 4]
+            logits = t.logits.save()
+        print(logits.value.shape)  # torch.Size([2, 6, 100])
+        ```
+    """
+
+    def __init__(self, model: Any, base: Any = None, *, schedule: str = "auto", **kwargs: Any):
+        from ..model import as_model
+
+        self.model = as_model(model)
+        self.base, self.schedule, self.kwargs = base, schedule, kwargs
+        self.tracer = Tracer(self.model)
+
+    def __enter__(self) -> Run:
+        active = getattr(_state, "active", ())
+        _state.active = (*active, self.tracer)
+        nn.Module.__call__ = _patched_call
+        return Run(self.tracer, 0)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        _state.active = tuple(t for t in _state.active if t is not self.tracer)
+        if not _state.active:
+            nn.Module.__call__ = _original_call
+        self.tracer.closed = True
+        if exc_type is not None:
+            return False
+        tracer = self.tracer
+        tracer.program = tracer.build()
+        if self.base is not None:
+            self._run(tracer.program)
+        return False
+
+    def _run(self, program: Program) -> None:
+        tracer = self.tracer
+        missing = [i + 1 for i, s in enumerate(tracer.source_inputs) if s is None]
+        if missing:
+            raise TraceError(
+                f"source(s) {missing} have no inputs, but the block runs (it was given base "
+                "inputs): pass t.source(inputs) for each source."
+            )
+        args = {k: v for k, v in self.kwargs.items() if k in program.args}
+        forward = {k: v for k, v in self.kwargs.items() if k not in program.args}
+        result = program.run(
+            self.model, self.base, tracer.source_inputs, schedule=self.schedule,
+            forward_kwargs=forward, **args,
+        )  # fmt: skip
+        result.values = {
+            old: result.values[new] for old, new in tracer.node_map.items() if new in result.values
+        }
+        tracer.result = result
+
+
+__all__ = ["trace", "Run", "Value", "Saved", "ScheduleError"]

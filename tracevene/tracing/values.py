@@ -1,0 +1,182 @@
+"""Traced values: stand-ins that record what the with-block does with them."""
+
+from __future__ import annotations
+
+import operator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import NotRunError, TraceError
+from ..ir.nodes import check_method, function_name
+
+if TYPE_CHECKING:
+    from .tracer import Tracer
+
+_CONTROL_FLOW = (
+    "a traced value has no value while the with-block records the program, so Python "
+    "cannot {what} it. For a data-dependent choice use torch.where(cond, a, b); to look "
+    "at the number, .save() it and read saved.value after the block; to loop over "
+    "positions or heads, loop over plain ints (for p in range(n): site[:, p])."
+)
+
+_BINARY = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul",
+           "and", "or", "xor", "lshift", "rshift")  # fmt: skip
+_COMPARE = ("lt", "le", "gt", "ge", "eq", "ne")
+_UNARY = ("neg", "pos", "abs", "invert")
+
+
+class Value:
+    """A value of the program being recorded: a site's tensor or anything computed
+    from one. Supports operators, indexing, tensor methods, torch functions and
+    ``nn.Module`` calls; each use records one node.
+    """
+
+    __slots__ = ("_tracer", "_node")
+
+    def __init__(self, tracer: Tracer, node: int):
+        object.__setattr__(self, "_tracer", tracer)
+        object.__setattr__(self, "_node", node)
+
+    # -- recording helpers ---------------------------------------------------
+    def _call(self, fn: str, *args: Any) -> Value:
+        return self._tracer.value("call_function", fn, args)
+
+    def save(self, name: str | None = None) -> Saved:
+        """Keep this value for after the run.
+
+        Args:
+            name: Name under which ``result[name]`` finds it (optional).
+
+        Returns:
+            A handle whose ``.value`` is the tensor once the program has run.
+        """
+        return self._tracer.save(self, name)
+
+    def __getitem__(self, index: Any) -> Value:
+        return self._tracer.value("getitem", None, (self, index))
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        node = self._tracer.add("setitem", None, None, (self, index, value))
+        object.__setattr__(self, "_node", node)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_tracer", "_node"):
+            raise AttributeError(name)
+        if name == "shape":
+            return self._tracer.value("call_method", "size", (self,))
+        if name == "ndim":
+            return self._tracer.value("call_method", "dim", (self,))
+        if name == "T":
+            return self._tracer.value("call_method", "t", (self,))
+        if name in ("dtype", "device", "grad", "data", "requires_grad"):
+            raise TraceError(
+                f"{name!r} of a traced value is not known while recording; compute with "
+                "the value itself, or read it from saved.value after the block."
+            )
+        check_method(name)
+
+        def method(*args: Any, **kwargs: Any) -> Value:
+            return self._tracer.value("call_method", name, (self, *args), kwargs)
+
+        return method
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise TraceError(f"cannot set attribute {name!r} on a traced value.")
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None):
+        tracer = _find_tracer((args, kwargs))
+        name = function_name(func)
+        if name is not None:
+            return tracer.value("call_function", name, args, kwargs or {})
+        method = getattr(func, "__name__", "")
+        if getattr(torch.Tensor, method, None) is not None:
+            return tracer.value("call_method", check_method(method), args, kwargs or {})
+        raise TraceError(f"{func!r} cannot be recorded: it is not a torch.* function.")
+
+    # -- Python control flow is not recordable ---------------------------------
+    def __bool__(self) -> bool:
+        raise TraceError(_CONTROL_FLOW.format(what="branch on (if / while / and / or)"))
+
+    def __len__(self) -> int:
+        raise TraceError(_CONTROL_FLOW.format(what="take len() of") + " Use x.size(dim).")
+
+    def __iter__(self):
+        raise TraceError(_CONTROL_FLOW.format(what="iterate over"))
+
+    def __index__(self) -> int:
+        raise TraceError(_CONTROL_FLOW.format(what="use as a Python int"))
+
+    __int__ = __float__ = __index__
+
+    def __contains__(self, item: Any) -> bool:
+        raise TraceError(_CONTROL_FLOW.format(what="test membership in"))
+
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return f"<traced value %{self._node}>"
+
+
+def _binary(name: str, reflected: bool = False):
+    fn = f"operator.{name}" if name not in ("and", "or") else f"operator.{name}_"
+
+    def method(self: Value, other: Any) -> Value:
+        return self._call(fn, other, self) if reflected else self._call(fn, self, other)
+
+    return method
+
+
+for _op in _BINARY:
+    setattr(Value, f"__{_op}__", _binary(_op))
+    setattr(Value, f"__r{_op}__", _binary(_op, reflected=True))
+    setattr(Value, f"__i{_op}__", _binary(_op))  # out of place: sites are written on assignment
+for _op in _COMPARE:
+    setattr(Value, f"__{_op}__", _binary(_op))
+for _op in _UNARY:
+    setattr(Value, f"__{_op}__", lambda self, _fn=f"operator.{_op}": self._call(_fn, self))
+del _op
+assert callable(operator.matmul)
+
+
+class Saved(Value):
+    """A saved value. Inside the block it computes like the value it saves; after the
+    run, :attr:`value` is the tensor.
+    """
+
+    __slots__ = ("_save", "name")
+
+    def __init__(self, tracer: Tracer, node: int, save: int, name: str | None):
+        super().__init__(tracer, node)
+        object.__setattr__(self, "_save", save)
+        object.__setattr__(self, "name", name)
+
+    @property
+    def value(self) -> Any:
+        """The saved tensor (raises :class:`NotRunError` before the program ran)."""
+        result = self._tracer.result
+        if result is None:
+            raise NotRunError(
+                f"{self!r} has no value yet: the program runs when the with-block exits, "
+                "and only if iv.trace(model, inputs) was given inputs. Without inputs, run "
+                "t.program.run(model, base, sources) and read result[saved]."
+            )
+        return result.values[self._save]
+
+    def __repr__(self) -> str:
+        label = f" {self.name!r}" if self.name else ""
+        return f"<saved value{label} %{self._save}>"
+
+
+def _find_tracer(x: Any) -> Tracer:
+    if isinstance(x, Value):
+        return x._tracer
+    if isinstance(x, (tuple, list)):
+        for item in x:
+            found = _find_tracer(item)
+            if found is not None:
+                return found
+    if isinstance(x, dict):
+        return _find_tracer(list(x.values()))
+    return None
