@@ -55,6 +55,8 @@ class Arch:
         layers: Path of the ``nn.ModuleList`` of blocks, relative to the base model.
         sites: Vocabulary key -> :class:`Hook`.
         unsupported: Vocabulary key -> why this family has no such site.
+        unsupported_if: Vocabulary key -> ``(config flag, reason)``: the site is missing
+            on models whose config sets the flag.
     """
 
     name: str
@@ -63,6 +65,7 @@ class Arch:
     layers: str
     sites: dict[str, Hook]
     unsupported: dict[str, str] = field(default_factory=dict)
+    unsupported_if: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def _attention_sites(qkv: dict[str, Hook], attn: str, o_proj: str) -> dict[str, Hook]:
@@ -140,7 +143,14 @@ GPT_NEOX = Arch(
         "mlp.out": Hook("{layer}.mlp", "output"),
         "resid_post": Hook("{layer}", "output"),
         "final": Hook("final_layer_norm", "output"),
-        "logits": Hook("^embed_out", "output"),
+        "logits": Hook("^lm_head", "output"),
+    },
+    unsupported_if={
+        "resid_mid": (
+            "use_parallel_residual",
+            "this GPT-NeoX model runs attention and MLP in parallel from resid_pre, so no "
+            "residual exists between them; read attn.out and mlp.out instead",
+        )
     },
 )  # fmt: skip
 

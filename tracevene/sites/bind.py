@@ -186,7 +186,7 @@ class Resolver:
 
     # -- names ---------------------------------------------------------------
     def sites(self) -> list[str]:
-        """Vocabulary sites this model offers, in forward order."""
+        """Vocabulary sites this model offers, in forward order (``{h}``: any head)."""
         if self.arch is None:
             return []
         keys = set(self.arch.sites) | {"attn.head"}
@@ -195,7 +195,11 @@ class Resolver:
             s = parse(name.replace("{h}", "0"))
             key = "attn.head" if s.head is not None else s.key
             if key in keys:
-                out.append(name)
+                try:
+                    self.check(name.replace("{h}", "0"))
+                except SiteError:
+                    continue
+                out.append(display(name))
         return out
 
     def check(self, name: str) -> Site:
@@ -236,6 +240,9 @@ class Resolver:
         key = "attn.head_out" if site.key == "attn.out" and site.head is not None else site.key
         if key in self.arch.unsupported:
             raise SiteError(f"{display(name)} is not available: {self.arch.unsupported[key]}.")
+        flag, reason = self.arch.unsupported_if.get(key, (None, ""))
+        if flag and getattr(getattr(self.module, "config", None), flag, False):
+            raise SiteError(f"{display(name)} is not available: {reason}.")
         if key not in self.arch.sites:
             raise SiteError(
                 f"{display(name)} is not available on {self.arch.name} models "
