@@ -97,7 +97,7 @@ def display(name: str) -> str:
         return f"module({path!r}).{io}"
     if name.startswith("hook:"):
         return f"hook({name[5:]!r})"
-    return re.sub(r"\b(layer|head)\.(\d+)", r"\1[\2]", name)
+    return re.sub(r"\b(layer|head)\.(\d+|\{h\})", r"\1[\2]", name)
 
 
 def check_child(level: str, attr: str, where: str) -> None:
