@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -77,6 +78,14 @@ def wrap(model: nn.Module | Model, backend: str | None = None, tokenizer: Any = 
     """
     if isinstance(model, Model):
         return model if backend in (None, model.backend.name) else model.to_backend(backend)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"iv.wrap expects a torch nn.Module, got {type(model).__name__}")
+    if model.training:
+        warnings.warn(
+            f"{type(model).__name__} is in training mode, so dropout makes every run random; "
+            "call model.eval() before wrapping unless you mean it.",
+            stacklevel=2,
+        )
     return Model(model, get_backend(backend or "torch"), tokenizer)
 
 

@@ -1,0 +1,1 @@
+"""Backends: the interface (base.py), the reference torch backend, shared scheduling."""

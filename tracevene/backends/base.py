@@ -24,8 +24,9 @@ PLANNED = {"nnsight": "nnsight", "transformer_lens": "transformer_lens"}
 
 
 class Backend(ABC):
-    """Executes programs on models. One small interface; see ``torch_hooks`` for the
-    reference implementation.
+    """Executes programs on models.
+
+    One small interface; ``torch_hooks.TorchBackend`` is the reference implementation.
     """
 
     name: str = ""

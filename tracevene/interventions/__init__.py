@@ -1,0 +1,1 @@
+"""Intervention modules and the registry that saves them by name."""

@@ -1,0 +1,1 @@
+"""The intervention-program IR: nodes, programs, serialisation."""

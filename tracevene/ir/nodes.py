@@ -127,7 +127,7 @@ def function_name(fn: Any) -> str | None:
         for ns, module in reversed(list(_NAMESPACES.items())):
             for attr in dir(module):
                 obj = getattr(module, attr, None)
-                if callable(obj) and not attr.startswith("_") or ns == "operator":
+                if callable(obj) and (ns == "operator" or not attr.startswith("_")):
                     names.setdefault(id(obj), f"{ns}.{attr}")
         _FUNCTION_NAMES = names
     return _FUNCTION_NAMES.get(id(fn))

@@ -1,0 +1,1 @@
+"""The site vocabulary, per-architecture tables, and binding to hook points."""

@@ -131,7 +131,7 @@ GPT_NEOX = Arch(
         "resid_pre": Hook("{layer}", "input"),
         **_attention_sites(
             {
-                f"attn.{x}": Hook("{layer}.attention.query_key_value", "output", f"interleaved{j}/3")
+                f"attn.{x}": Hook("{layer}.attention.query_key_value", "output", f"interleaved{j}/3")  # noqa: E501
                 for j, x in enumerate("qkv")
             },
             "{layer}.attention",

@@ -1,0 +1,1 @@
+"""The with-block front-end."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,9 +26,10 @@ _UNARY = ("neg", "pos", "abs", "invert")
 
 
 class Value:
-    """A value of the program being recorded: a site's tensor or anything computed
-    from one. Supports operators, indexing, tensor methods, torch functions and
-    ``nn.Module`` calls; each use records one node.
+    """A value of the program being recorded: a site's tensor or one computed from it.
+
+    Supports operators, indexing, tensor methods, torch functions and ``nn.Module``
+    calls; each use records one node.
     """
 
     __slots__ = ("_tracer", "_node")
@@ -137,12 +137,13 @@ for _op in _COMPARE:
 for _op in _UNARY:
     setattr(Value, f"__{_op}__", lambda self, _fn=f"operator.{_op}": self._call(_fn, self))
 del _op
-assert callable(operator.matmul)
 
 
 class Saved(Value):
-    """A saved value. Inside the block it computes like the value it saves; after the
-    run, :attr:`value` is the tensor.
+    """A saved value.
+
+    Inside the block it computes like the value it saves; after the run,
+    :attr:`value` is the tensor.
     """
 
     __slots__ = ("_save", "name")
