@@ -10,9 +10,10 @@ import models
 
 
 def test_load_from_local_directory_matches_the_saved_model(tmp_path):
-    hf = models.gpt2()
+    tokenizer = models.minilm_tokenizer()
+    hf = models.gpt2(vocab_size=tokenizer.vocab_size)
     hf.save_pretrained(tmp_path)
-    models.minilm_tokenizer().save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
     model = iv.load(str(tmp_path), backend="torch", attn_implementation="eager")
     assert isinstance(model.module, transformers.GPT2LMHeadModel)
     assert model.tokenizer is not None
