@@ -229,6 +229,11 @@ class _Indexed:
         n = self._count()
         if n is not None and i < 0:
             i += n
+        if n is not None and not 0 <= i < n:
+            raise SiteError(
+                f"{self._kind} {i - n if i < 0 else i} is out of range: this model has "
+                f"{self._kind}s 0..{n - 1} (negative indices count from the end)."
+            )
         s = self._scope
         where = f"{s._where}.{self._kind}[{i}]".lstrip(".")
         return _Scope(s._tracer, s._run, f"{s._prefix}{self._kind}.{i}.", self._kind, where)
