@@ -1,12 +1,11 @@
 """iv.wrap / iv.load / Model properties, with from_pretrained on local directories."""
 
+import models
 import pytest
 import torch
 import transformers
 
 import tracevene as iv
-
-import models
 
 
 def test_load_from_local_directory_matches_the_saved_model(tmp_path):

@@ -1,0 +1,18 @@
+"""Shared test setup: fully offline, deterministic seeds."""
+
+import os
+
+# Set before anything imports transformers / huggingface_hub / datasets, which
+# read these once at import time. Tests never reach the Hugging Face hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch() -> None:
+    """Every test starts from the same torch RNG state."""
+    torch.manual_seed(0)
