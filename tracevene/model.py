@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from .backends.base import Backend, get_backend
-from .sites.bind import Resolver
 
 
 class Model:
@@ -25,7 +24,7 @@ class Model:
         self.module = backend.prepare(module)
         self.backend = backend
         self.tokenizer = tokenizer
-        self.resolver = Resolver(self.module)
+        self.resolver = backend.make_resolver(self.module)
 
     @property
     def n_layers(self) -> int | None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from ..errors import BackendError, closest
+from ..sites.bind import Resolver
 
 if TYPE_CHECKING:
     from ..ir.program import Program
@@ -34,6 +35,10 @@ class Backend(ABC):
     def prepare(self, module: nn.Module) -> nn.Module:
         """The module this backend runs (the caller's, or a private copy)."""
         return module
+
+    def make_resolver(self, module: nn.Module) -> Resolver:
+        """The object that binds site names to this backend's hook points."""
+        return Resolver(module)
 
     @abstractmethod
     def check_site(self, model: Model, site: str) -> None:

@@ -15,21 +15,17 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ExecutionError
-from ..ir.program import Program, run_name
+from ..ir.program import Program
 from ..result import Result
-from ..sites.bind import Binding, Ctx, first_tensor
-from ..sites.vocab import display
+from ..sites.bind import first_tensor
 from .base import Backend
+from .events import PassRun, Stop
 from .inputs import batch_size, can_batch, concat, slice_output, to_call
 from .interpret import Env
 from .plan import Pass, make_plan
 
 ATTENTION_NAME = "tracevene_eager"
 _PATTERN_HOOKS: dict[int, Any] = {}
-
-
-class _Stop(Exception):
-    """Raised inside a hook to end a pass that has done all it was needed for."""
 
 
 class TorchBackend(Backend):
@@ -105,73 +101,8 @@ def _frozen(module: nn.Module, active: bool) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-class _PassRun:
-    """State of one forward pass: its hooks, what fired, and the rows of each run."""
-
-    def __init__(self, model: Any, p: Pass, env: Env, sizes: list[int]):
-        self.model, self.p, self.env = model, p, env
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        single = len(sizes) == 1
-        self.rows = {
-            r: slice(None) if single else slice(s, s + n)
-            for r, s, n in zip(p.runs, starts, sizes, strict=True)
-        }
-        self.bindings: dict[str, Binding] = {}
-        for nodes in p.events.values():
-            for n in nodes:
-                if n.op in ("read", "write"):
-                    self.bindings[n.target] = model.resolver.bind(n.target)
-        self.captures = {c for b in self.bindings.values() for c in b.captures}
-        self.points = set(p.events) | self.captures
-        self.fired: set[tuple[str, str]] = set()
-        self.captured: dict[tuple[str, str], Tensor] = {}
-        self.stop_early = 0 not in p.runs
-
-    def fire(self, point: tuple[str, str], x: Tensor, module: nn.Module, inp: Any) -> Tensor | None:
-        """Execute the events of one hook point; returns the new tensor if written."""
-        if point in self.fired:
-            raise ExecutionError(
-                f"module {point[0]!r} ran more than once in one forward pass, so its sites "
-                "are ambiguous; tracevene does not guess which call you meant."
-            )
-        self.fired.add(point)
-        ctx = Ctx(module, inp, self.captured)
-        changed = False
-        for node in self.p.events.get(point, ()):
-            if node.op in ("read", "write"):
-                ctx.rows = self.rows[node.run]
-                binding = self.bindings[node.target]
-                if node.op == "read":
-                    self.env.read(node, binding, x, ctx)
-                else:
-                    x, changed = self.env.write(node, binding, x, ctx), True
-            else:
-                self.env.compute(node)
-        if point in self.captures:
-            self.captured[point] = x
-        if self.stop_early and self.fired >= self.points:
-            raise _Stop
-        return x if changed else None
-
-    def unfired_message(self) -> str:
-        missing = sorted(self.points - self.fired)
-        sites = [
-            f"{run_name(n.run)}.{display(n.target)}"
-            for point in missing
-            for n in self.p.events.get(point, ())
-            if n.op in ("read", "write")
-        ]
-        reasons = "; ".join(f"{path or 'the model'} ({io})" for path, io in missing)
-        return (
-            f"site(s) {', '.join(sites) or '(captures)'} never ran during the forward pass: "
-            f"no call reached {reasons}. The module may be skipped for these inputs, or "
-            "the engine computes it inside a fused kernel; tracevene will not return "
-            "unpatched numbers."
-        )
-
-
 def _run_pass(model: Any, p: Pass, calls: list, env: Env) -> Any:
-    state = _PassRun(model, p, env, [batch_size(c) for c in calls])
+    state = PassRun(model, p, env, [batch_size(c) for c in calls])
     args, kwargs = concat(calls)
     handles: list[Any] = []
     modules = model.resolver.modules
@@ -181,7 +112,7 @@ def _run_pass(model: Any, p: Pass, calls: list, env: Env) -> Any:
                 handles.append(_install(state, point, modules[point[0]]))
             try:
                 output = model.module(*args, **kwargs)
-            except _Stop:
+            except Stop:
                 output = None
     finally:
         for h in handles:
@@ -193,7 +124,7 @@ def _run_pass(model: Any, p: Pass, calls: list, env: Env) -> Any:
     return output
 
 
-def _install(state: _PassRun, point: tuple[str, str], module: nn.Module) -> Any:
+def _install(state: PassRun, point: tuple[str, str], module: nn.Module) -> Any:
     path, io = point
     if io == "input":
 
