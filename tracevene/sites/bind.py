@@ -248,6 +248,19 @@ class Resolver:
                 f"{display(name)} is not available on {self.arch.name} models "
                 f"(sites: {', '.join(sorted(self.arch.sites))})."
             )
+        path = self._path(self.arch.sites[key].path, site.layer)
+        if path not in self.modules:
+            hint = (
+                " (a bare base model has no language-model head: load the model with its "
+                "head, e.g. AutoModelForCausalLM / AutoModelForMaskedLM, or read "
+                "layer[-1].resid_post)"
+                if key == "logits"
+                else ""
+            )
+            raise SiteError(
+                f"{display(name)} is not available on this {type(self.module).__name__}: it "
+                f"has no module {path!r}{hint}."
+            )
         return site
 
     def _module(self, path: str) -> nn.Module:
