@@ -98,15 +98,17 @@ def build(name: str, spec: dict) -> nn.Module:
     Raises:
         ProgramFormatError: No class is registered under ``name``, or the spec is bad.
     """
-    if name not in _REGISTRY:
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise ProgramFormatError(
             f"unknown intervention type {name!r}; registered types: "
             f"{', '.join(sorted(_REGISTRY))}. If it is your own class, import the module "
             "that registers it (@tracevene.register) before loading."
         )
+    if not isinstance(spec, dict):
+        raise ProgramFormatError(f"bad spec {spec!r} for {name}: expected an object")
     try:
         return _REGISTRY[name][2](spec)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
         raise ProgramFormatError(f"bad spec {spec!r} for {name}: {e}") from None
 
 
@@ -115,6 +117,6 @@ register_external(
     "torch.nn.Linear",
     lambda m: {"in_features": m.in_features, "out_features": m.out_features,
                "bias": m.bias is not None},
-    lambda s: nn.Linear(**s),
+    lambda s: nn.Linear(s["in_features"], s["out_features"], bias=s["bias"]),
 )  # fmt: skip
 register_external(nn.Identity, "torch.nn.Identity", lambda m: {}, lambda s: nn.Identity())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import operator
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,8 +43,44 @@ _DENIED_METHODS = frozenset(
         "pin_memory", "set_", "resize_", "apply_", "map_", "map2_", "__setitem__",
         "__setstate__", "__reduce_ex__", "__reduce__", "__deepcopy__", "__array__",
         "__dlpack__", "__del__", "__init__", "__new__", "__init_subclass__",
+        # reflection: would reach arbitrary attributes / objects (and so eval) from a file
+        "__getattribute__", "__getattr__", "__setattr__", "__delattr__", "__class__",
+        "__dir__", "__subclasshook__", "__getstate__", "__torch_function__",
+        "__torch_dispatch__", "__array_wrap__", "__format__", "__sizeof__",
     }
 )  # fmt: skip
+# In-place operator dunders (x += y on a real tensor) mutate their argument.
+_INPLACE_DUNDERS = frozenset(
+    f"__i{op}__" for op in ("add", "sub", "mul", "div", "truediv", "floordiv", "mod", "pow",
+                            "matmul", "and", "or", "xor", "lshift", "rshift")
+) | {"__delitem__"}  # fmt: skip
+# Attributes of tensors themselves (dir() leaves out the metaclass: no __call__, mro, ...).
+_TENSOR_ATTRS = frozenset(dir(torch.Tensor))
+# operator.* functions a program may call (also as __name__ dunders): pure, out-of-place.
+_OPERATORS = frozenset(
+    {"abs", "add", "and", "eq", "floordiv", "ge", "getitem", "gt", "index", "inv", "invert",
+     "le", "lshift", "lt", "matmul", "mod", "mul", "ne", "neg", "not", "or", "pos", "pow",
+     "rshift", "sub", "truediv", "truth", "xor"}
+)  # fmt: skip
+# torch.* functions that touch files or global state, or call callables: never in a program.
+_DENIED_FUNCTIONS = frozenset(
+    {"load", "save", "from_file", "get_file_path", "import_ir_module",
+     "import_ir_module_from_buffer", "compile", "vmap", "cond", "while_loop", "fork", "wait",
+     "manual_seed", "seed", "use_deterministic_algorithms", "init_num_threads",
+     "prepare_multiprocessing_environment", "autocast_increment_nesting",
+     "autocast_decrement_nesting", "clear_autocast_cache", "thread_safe_generator",
+     "classproperty", "get_device_module", "from_dlpack", "handle_torch_function",
+     "boolean_dispatch", "profiler_allow_cudagraph_cupti_lazy_reinit_cuda12"}
+)  # fmt: skip
+
+
+def _allowed_function(namespace: str, attr: str, fn: Any) -> bool:
+    """Whether ``namespace.attr`` (the object ``fn``) may be called by a program."""
+    if not isinstance(fn, (types.FunctionType, types.BuiltinFunctionType)):
+        return False  # classes (file readers, compilers, storages), typing forms, ...
+    if namespace == "operator":
+        return attr.strip("_") in _OPERATORS  # not attrgetter / call / methodcaller / iadd
+    return not attr.startswith(("_", "set_")) and attr not in _DENIED_FUNCTIONS
 
 
 @dataclass(frozen=True)
@@ -79,11 +116,28 @@ class Node:
     kwargs: tuple[tuple[str, Any], ...] = ()
     loc: str = field(default="", compare=False)
 
+    def __post_init__(self) -> None:
+        # NaN != NaN: hold the one math.nan object, so a loaded program equals its original.
+        object.__setattr__(self, "args", _same_nan(self.args))
+        object.__setattr__(self, "kwargs", _same_nan(self.kwargs))
+
     def refs(self) -> list[int]:
         """Ids of the nodes this node reads."""
         out: list[int] = []
         _collect_refs((self.args, tuple(v for _, v in self.kwargs)), out)
         return out
+
+
+def _same_nan(x: Any) -> Any:
+    if isinstance(x, float) and math.isnan(x):
+        return math.nan
+    if isinstance(x, tuple):
+        return tuple(_same_nan(v) for v in x)
+    if isinstance(x, list):
+        return [_same_nan(v) for v in x]
+    if isinstance(x, slice):
+        return slice(_same_nan(x.start), _same_nan(x.stop), _same_nan(x.step))
+    return x
 
 
 def _collect_refs(x: Any, out: list[int]) -> None:
@@ -102,15 +156,14 @@ def resolve_function(name: str) -> Any:
     Raises:
         ProgramFormatError: ``name`` is not ``torch.*`` / ``operator.*`` (and friends).
     """
-    namespace, _, attr = name.rpartition(".")
+    namespace, _, attr = name.rpartition(".") if isinstance(name, str) else ("", "", "")
     module = _NAMESPACES.get(namespace)
-    fn = getattr(module, attr, None) if module is not None and not attr.startswith("_") else None
-    if fn is None and namespace == "operator" and attr.startswith("__"):
-        fn = getattr(operator, attr, None)
-    if fn is None or not callable(fn):
+    fn = getattr(module, attr, None) if module is not None else None
+    if not _allowed_function(namespace, attr, fn):
         allowed = ", ".join(f"{ns}.*" for ns in _NAMESPACES)
         raise ProgramFormatError(
-            f"function {name!r} is not allowed in a program; allowed are {allowed}. "
+            f"function {name!r} is not allowed in a program; allowed are {allowed} "
+            "(tensor maths only: no file, global-state or reflection functions). "
             "Write the computation with those, or inside a registered intervention module."
         )
     return fn
@@ -127,7 +180,7 @@ def function_name(fn: Any) -> str | None:
         for ns, module in reversed(list(_NAMESPACES.items())):
             for attr in dir(module):
                 obj = getattr(module, attr, None)
-                if callable(obj) and (ns == "operator" or not attr.startswith("_")):
+                if _allowed_function(ns, attr, obj):
                     names.setdefault(id(obj), f"{ns}.{attr}")
         _FUNCTION_NAMES = names
     return _FUNCTION_NAMES.get(id(fn))
@@ -139,15 +192,18 @@ def check_method(name: str, error: type[Exception] = TraceError) -> str:
     Raises:
         error: The method mutates in place, leaves the tensor world, or does not exist.
     """
+    if not isinstance(name, str):
+        raise error(f"tensor method name {name!r} is not a string.")
     dunder = name.startswith("__") and name.endswith("__")
     if name in _DENIED_METHODS or (name.startswith("_") and not dunder):
         raise error(f"tensor method {name!r} cannot be used in a program.")
-    if name.endswith("_") and not dunder:
+    if (name.endswith("_") and not dunder) or name in _INPLACE_DUNDERS:
+        out_of_place = f"__{name[3:]}" if dunder else name[:-1]
         raise error(
             f"in-place tensor method {name!r} cannot be used on traced values: use "
-            f"the out-of-place {name[:-1]!r}, or write to the site (t.<site>[...] = value)."
+            f"the out-of-place {out_of_place!r}, or write to the site (t.<site>[...] = value)."
         )
-    if not callable(getattr(torch.Tensor, name, None)):
+    if name not in _TENSOR_ATTRS or not callable(getattr(torch.Tensor, name, None)):
         raise error(f"{name!r} is not a tensor method.")
     return name
 

@@ -78,9 +78,18 @@ class Program:
                 raise ProgramFormatError(
                     f"run {node.run!r} is not 0 (base) or a source 1..{self.n_sources}"
                 )
+            if not isinstance(node.target, str):
+                raise ProgramFormatError(f"needs a site name, got {node.target!r}")
             parse(node.target)
         elif node.op == "call_function":
             resolve_function(node.target)
+            kwargs = dict(node.kwargs)
+            inplace = node.target.endswith("_") and not node.target.startswith("operator.")
+            if inplace or kwargs.get("out") is not None or kwargs.get("inplace") is True:
+                raise ProgramFormatError(
+                    f"{node.target} would change a tensor in place (an in-place function, "
+                    "out= or inplace=True); programs compute out of place"
+                )
         elif node.op == "call_method":
             check_method(node.target, ProgramFormatError)
         elif node.op == "call_module" and node.target not in self.modules:

@@ -62,7 +62,7 @@ def decode(x: Any) -> Any:
     if len(x) != 1:
         raise ProgramFormatError(f"bad argument {x!r}: expected one of ref/slice/tuple/...")
     (kind, v), = x.items()
-    if kind == "ref" and isinstance(v, int):
+    if kind == "ref" and isinstance(v, int) and not isinstance(v, bool):
         return Ref(v)
     if kind == "ellipsis":
         return Ellipsis
@@ -102,6 +102,11 @@ def node_from_json(obj: Any, i: int) -> Node:
     kwargs = obj.get("kwargs", {})
     if not isinstance(kwargs, dict) or not isinstance(obj.get("args", []), list):
         raise ProgramFormatError(f"node {i}: args must be a list and kwargs an object")
+    for name, typ in (("id", int), ("op", str), ("target", str), ("run", int), ("loc", str)):
+        v = obj.get(name)
+        if v is not None and (not isinstance(v, typ) or isinstance(v, bool)):
+            kind = "an integer" if typ is int else "a string"
+            raise ProgramFormatError(f"node {i}: {name!r} must be {kind}, got {v!r}")
     return Node(
         id=obj.get("id", i),
         op=obj["op"],
@@ -133,10 +138,13 @@ def save_program(program: Program, directory: Path) -> None:
         "tensors": _manifest(program.tensors),
     }
     text = json.dumps(graph, indent=1)
+    _check_replaceable(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        blobs = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        # clone: safetensors refuses tensors that share memory (x and x[0], tied weights)
+        blobs = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+                 for k, v in tensors.items()}  # fmt: skip
         save_file(blobs, tmp / TENSOR_FILE)
         (tmp / GRAPH_FILE).write_text(text)
         _replace_dir(tmp, directory)
@@ -152,11 +160,28 @@ def _manifest(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
     }
 
 
+def _check_replaceable(target: Path) -> None:
+    """Refuse to replace anything but an earlier saved program (or an empty directory)."""
+    if not (target.exists() or target.is_symlink()):
+        return
+    names = set(os.listdir(target)) if target.is_dir() and not target.is_symlink() else None
+    if names is None or not names <= {GRAPH_FILE, TENSOR_FILE}:
+        raise FileExistsError(
+            f"{target} exists and is not a saved program; program.save() replaces the whole "
+            "directory, so it refuses to. Save to a new directory, or remove it first."
+        )
+
+
 def _replace_dir(new: Path, target: Path) -> None:
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
         os.replace(target, old / "x")
-        os.replace(new, target)
+        try:
+            os.replace(new, target)
+        except BaseException:
+            os.replace(old / "x", target)  # put the old program back
+            shutil.rmtree(old, ignore_errors=True)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new, target)
@@ -171,6 +196,11 @@ def load_program(directory: Path) -> Program:
     consts = {k: _take(blobs, f"const/{k}", m) for k, m in _field(graph, "tensors").items()}
     modules = {}
     for key, entry in _field(graph, "modules").items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("tensors"), dict):
+            raise ProgramFormatError(
+                f"{GRAPH_FILE}: module {key!r} must be an object with 'type', 'spec' and "
+                f"'tensors', got {entry!r}"
+            )
         module = registry.build(entry.get("type"), entry.get("spec", {}))
         state = {k: _take(blobs, f"module/{key}/{k}", m) for k, m in entry["tensors"].items()}
         _load_state(module, state, key)
@@ -193,8 +223,13 @@ def _read_graph(directory: Path) -> dict:
             f"{path} has version {graph.get('version')!r}; this tracevene reads version "
             f"{VERSION}. Upgrade tracevene, or re-save the program with this version."
         )
-    if not isinstance(graph.get("nodes"), list) or not isinstance(graph.get("n_sources"), int):
-        raise ProgramFormatError(f"{path}: 'nodes' must be a list and 'n_sources' an integer")
+    n_sources = graph.get("n_sources")
+    count = isinstance(n_sources, int) and not isinstance(n_sources, bool) and n_sources >= 0
+    if not isinstance(graph.get("nodes"), list) or not count:
+        raise ProgramFormatError(f"{path}: 'nodes' must be a list and 'n_sources' an integer >= 0")
+    unknown = set(graph) - {"format", "version", "n_sources", "nodes", "modules", "tensors"}
+    if unknown:
+        raise ProgramFormatError(f"{path}: unknown fields {sorted(unknown)}")
     return graph
 
 
@@ -216,6 +251,8 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def _take(blobs: dict[str, torch.Tensor], key: str, meta: dict) -> torch.Tensor:
+    if not isinstance(meta, dict):
+        raise ProgramFormatError(f"{GRAPH_FILE}: the entry of tensor {key!r} must be an object")
     if key not in blobs:
         raise ProgramFormatError(f"tensor {key!r} is missing from {TENSOR_FILE}")
     t = blobs[key]

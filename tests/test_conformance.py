@@ -1,0 +1,161 @@
+"""The DSL conformance suite: every program in dsl/conformance/ on every backend.
+
+Each program file (``NN_name.py``: ``MODEL``, ``N_SOURCES``, ``record(model)`` and
+optionally ``args(batch, pos)``) is recorded on the wrapped model, run with both
+schedules, and every named save (and the base run's logits, or last hidden state for
+encoders) is compared, within 1e-6, with an independent reference from
+tests/conformance_refs.py (plain forward hooks on the Hugging Face modules).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import models
+import pytest
+import torch
+from conformance_refs import REFS
+
+import tracevene as iv
+from tracevene.backends.base import BACKENDS as AVAILABLE
+
+CONFORMANCE = Path(__file__).resolve().parents[1] / "dsl" / "conformance"
+PROGRAMS = sorted(CONFORMANCE.glob("[0-9][0-9]_*.py"))
+BACKENDS = ["torch", "nnsight", "transformer_lens"]
+SCHEDULES = ["sequential", "batched"]
+ATOL = 1e-6
+BATCH, POS = 2, 6
+
+# Same token count (8 with [CLS]/[SEP]) in every sentence, so runs can share a batch.
+MINILM_TEXT = [
+    ["Mary gave the book to John", "Tom gave a pen to Alice"],
+    ["James sent the letter to Bob", "Alice gave the cup to Tom"],
+    ["John took the pen from Mary", "Bob sent a book to James"],
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: intra-op threads only add overhead (10x on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.cache
+def _program_module(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"conformance_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.cache
+def _hf_model(name: str) -> torch.nn.Module:
+    return models.minilm() if name == "minilm" else models.DECODERS[name]()
+
+
+@functools.cache
+def _minilm_ids(i: int) -> torch.Tensor:
+    return models.minilm_tokenizer()(MINILM_TEXT[i], return_tensors="pt")["input_ids"]
+
+
+def _inputs(name: str, n_sources: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    if name == "minilm":
+        return _minilm_ids(0), [_minilm_ids(1 + i) for i in range(n_sources)]
+    base = models.tokens(BATCH, POS, seed=1)
+    return base, [models.tokens(BATCH, POS, seed=2 + i) for i in range(n_sources)]
+
+
+def _args(module: ModuleType) -> dict:
+    return module.args(BATCH, POS) if hasattr(module, "args") else {}
+
+
+@functools.cache
+def _expected(path: Path) -> dict[str, torch.Tensor]:
+    module = _program_module(path)
+    base, sources = _inputs(module.MODEL, module.N_SOURCES)
+    return REFS[path.stem](_hf_model(module.MODEL), base, sources, **_args(module))
+
+
+def test_suite_is_complete():
+    assert len(PROGRAMS) >= 25, f"only {len(PROGRAMS)} conformance programs"
+    missing = [p.stem for p in PROGRAMS if p.stem not in REFS]
+    assert not missing, f"programs without a reference in conformance_refs.py: {missing}"
+    stale = sorted(set(REFS) - {p.stem for p in PROGRAMS})
+    assert not stale, f"references without a program: {stale}"
+
+
+@pytest.mark.parametrize("path", PROGRAMS, ids=lambda p: p.stem)
+def test_reference_is_not_a_clean_run(path: Path):
+    """Guards the references themselves: every program that writes changes the output."""
+    module = _program_module(path)
+    program = module.record(iv.wrap(_hf_model(module.MODEL), backend="torch"))
+    if not any(n.op == "write" for n in program.nodes):
+        pytest.skip("a read-only program")
+    base, _ = _inputs(module.MODEL, module.N_SOURCES)
+    with torch.no_grad():
+        clean = _hf_model(module.MODEL)(input_ids=base)
+    expected = _expected(path)
+    fields = [k for k in expected if k.startswith("output.")]
+    assert fields, "the reference should return the base run's output"
+    for key in fields:
+        got, want = expected[key], getattr(clean, key.removeprefix("output."))
+        assert not torch.allclose(got, want, atol=1e-4), f"{key} did not change"
+
+
+@pytest.mark.parametrize("path", PROGRAMS, ids=lambda p: p.stem)
+def test_program_file_is_well_formed(path: Path):
+    module = _program_module(path)
+    doc = (module.__doc__ or "").strip()
+    assert doc, f"{path.name} needs a module docstring saying what it exercises"
+    assert module.MODEL == "minilm" or module.MODEL in models.DECODERS
+    assert isinstance(module.N_SOURCES, int)
+    assert callable(module.record)
+    imports = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            imports |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imports.add((node.module or "").split(".")[0])
+    assert imports <= {"torch", "tracevene", "__future__"}, imports
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("path", PROGRAMS, ids=lambda p: p.stem)
+def test_program_matches_reference(path: Path, schedule: str, backend: str):
+    if backend not in AVAILABLE:
+        pytest.skip(f"backend {backend!r} is not available in this version of tracevene")
+    module = _program_module(path)
+    expected = _expected(path)
+    model = iv.wrap(_hf_model(module.MODEL), backend=backend)
+    program = module.record(model)
+    assert isinstance(program, iv.Program)
+    assert program.n_sources == module.N_SOURCES
+    assert program.saves, f"{path.name} saves nothing to compare"
+    assert set(program.saves) == {k for k in expected if not k.startswith("output.")}
+
+    base, sources = _inputs(module.MODEL, module.N_SOURCES)
+    result = program.run(model, base, sources, schedule=schedule, **_args(module))
+
+    for name in program.saves:
+        _assert_close(result[name], expected[name], name)
+    for key in (k for k in expected if k.startswith("output.")):
+        _assert_close(getattr(result.output, key.removeprefix("output.")), expected[key], key)
+
+
+def _assert_close(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    got = got.detach()
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
+    if got.dtype == torch.bool:
+        assert torch.equal(got, want), f"{name}: boolean values differ"
+        return
+    err = (got - want).abs().max().item()
+    assert err <= ATOL, f"{name}: max abs error {err:.3g} > {ATOL}"
