@@ -80,7 +80,11 @@ class Env:
     def read(self, node: Node, binding: Binding, x: Tensor, ctx: Ctx) -> None:
         """Run a read node against the hooked tensor ``x`` (all rows)."""
         try:
-            self.values[node.id] = binding.get(_rows(x, ctx.rows), ctx)
+            value = binding.get(_rows(x, ctx.rows), ctx)
+            # A view of the live activation would change if the model later modifies
+            # it in place (ReLU(inplace=True)): keep the value as it was when read.
+            own = value is x or value._base is not None
+            self.values[node.id] = value.clone() if own else value
         except TraceveneError:
             raise
         except Exception as e:
@@ -131,7 +135,9 @@ def _assign(site: Tensor, index: Any, value: Any, node: Node) -> Tensor:
         )
     value = value.to(site.dtype)
     if index == ():
-        return value.expand(site.shape) if value.shape != site.shape else value
+        # A fresh, dense tensor: never the caller's tensor or a stride-0 broadcast, which
+        # the model's in-place operations would corrupt or reject.
+        return value.expand(site.shape).clone(memory_format=torch.contiguous_format)
     out = site.clone()
     out[index] = value
     return out

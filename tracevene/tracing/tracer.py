@@ -139,6 +139,14 @@ class Tracer:
     def build(self) -> Program:
         """The recorded program, without reads and constants that nothing uses."""
         used = {r for n in self.nodes for r in n.refs()}
+        dead = [n for n in self.nodes if n.op == "setitem" and n.id not in used]
+        if dead:  # x[i][j] = v, or a slice of a site assigned into: a silent no-op
+            raise TraceError(
+                f"line {dead[0].loc}: this assignment changes a copy of a computed value "
+                "that nothing uses afterwards, so it would have no effect. To write a site, "
+                "index it in one step (t.<site>[:, 0, 1] = v, not t.<site>[:, 0][1] = v); "
+                "to change a computed value, use the value after the assignment."
+            )
         keep = [n for n in self.nodes if n.op not in ("read", "const") or n.id in used]
         new_id = {n.id: i for i, n in enumerate(keep)}
 

@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import NotRunError, TraceError
-from ..ir.nodes import check_method, function_name
+from ..errors import NotRunError, ProgramFormatError, TraceError
+from ..ir.nodes import check_method, function_name, resolve_function
 
 if TYPE_CHECKING:
     from .tracer import Tracer
@@ -89,6 +89,7 @@ class Value:
         tracer = _find_tracer((args, kwargs))
         name = function_name(func)
         if name is not None:
+            _reject_inplace(name, kwargs or {})
             return tracer.value("call_function", name, args, kwargs or {})
         method = getattr(func, "__name__", "")
         if getattr(torch.Tensor, method, None) is not None:
@@ -106,7 +107,8 @@ class Value:
         raise TraceError(_CONTROL_FLOW.format(what="iterate over"))
 
     def __index__(self) -> int:
-        raise TraceError(_CONTROL_FLOW.format(what="use as a Python int"))
+        what = "take int(), float(), range() or a list index of"
+        raise TraceError(_CONTROL_FLOW.format(what=what))
 
     __int__ = __float__ = __index__
 
@@ -168,6 +170,32 @@ class Saved(Value):
     def __repr__(self) -> str:
         label = f" {self.name!r}" if self.name else ""
         return f"<saved value{label} %{self._save}>"
+
+
+def _allowed(name: str) -> bool:
+    try:
+        resolve_function(name)
+    except ProgramFormatError:
+        return False
+    return True
+
+
+def _reject_inplace(name: str, kwargs: dict) -> None:
+    """Refuse torch functions that would mutate a site's tensor behind the program's back."""
+    namespace, _, attr = name.rpartition(".")
+    if namespace != "operator" and attr.endswith("_") and not attr.startswith("_"):
+        plain = name[:-1]
+        fix = f"use the out-of-place {plain}" if _allowed(plain) else "compute out of place"
+    elif kwargs.get("out") is not None:
+        fix = "drop out= and use the returned value"
+    elif kwargs.get("inplace") is True:
+        fix = "drop inplace=True"
+    else:
+        return
+    raise TraceError(
+        f"in-place function {name!r} cannot be used on traced values: {fix}, or write to "
+        "the site (t.<site>[...] = value)."
+    )
 
 
 def _find_tracer(x: Any) -> Tracer:
