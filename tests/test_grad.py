@@ -256,3 +256,34 @@ def test_module_site_model_gradients(ids):
     close(out.value.detach(), ref.detach())
     close(scale.weight.grad, ref_scale.weight.grad)
     assert all(p.grad is None and p.requires_grad for p in mlp.parameters())
+
+
+class ScaleByModelParam(nn.Module):
+    """An intervention that shares a parameter with the model it intervenes on."""
+
+    def __init__(self, shared: nn.Parameter):
+        super().__init__()
+        self.shared = shared
+
+    def forward(self, x):
+        return x * self.shared.mean()
+
+
+def test_a_parameter_shared_with_the_model_still_gets_its_gradient():
+    hf = models.gpt2()
+    ref = copy.deepcopy(hf)
+    ids = models.tokens()
+    shared = hf.transformer.ln_f.weight
+    with iv.trace(iv.wrap(hf), ids) as t:
+        h = t.layer[1].resid_post
+        t.layer[1].resid_post = ScaleByModelParam(shared)(h)
+        loss = t.logits.sum().save()
+    loss.value.backward()
+
+    p = ref.transformer.ln_f.weight
+    hook = ref.transformer.h[1].register_forward_hook(lambda m, i, o: o * p.mean())
+    ref(ids).logits.sum().backward()
+    hook.remove()
+    assert shared.grad is not None
+    close(shared.grad, p.grad)
+    assert all(q.grad is None for n, q in hf.named_parameters() if n != "transformer.ln_f.weight")

@@ -99,7 +99,7 @@ def test_batched_and_sequential_agree(gpt2, model, ids):
     torch.testing.assert_close(seq.output.logits, bat.output.logits, rtol=1e-6, atol=1e-6)
     assert bat.output.logits.shape == (B, P, models.VOCAB)  # the base's rows only
     assert (seq.plan.mode, bat.plan.mode) == ("sequential", "batched")
-    assert bat.plan.describe().splitlines() == ["pass 1: base+src1 (4 hook points)"]
+    assert bat.plan.describe().splitlines() == ["pass 1: base+src1 (batched, 4 hook points)"]
     described = seq.plan.describe().splitlines()
     assert [line.split(" (")[0] for line in described] == ["pass 1: src1", "pass 2: base"]
     # ... and both equal a hand-made computation.
@@ -417,3 +417,35 @@ def test_module_sites_never_batch():
         hb[:, :4] = hs[:, :4]
         expected = mlp[3:](hb)
     close(result["out"], expected)
+
+
+class Swallowing(torch.nn.Module):
+    """A model whose forward catches every Exception raised by its layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+        self.calls = [0, 0, 0]
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            self.calls[i] += 1
+            try:
+                x = layer(x)
+            except Exception:  # noqa: BLE001 - the point of this model
+                x = x * 0
+        return x
+
+
+def test_early_stop_is_not_swallowed_by_a_models_except_exception():
+    torch.manual_seed(0)
+    net = Swallowing().eval()
+    base, source = torch.randn(2, 3, 4)
+    with iv.trace(iv.wrap(net), base, schedule="sequential") as t:
+        src = t.source(source)
+        t.module("layers.1").output = src.module("layers.0").output
+        out = t.module("layers.2").output.save()
+    # the source pass stopped inside layers.0: layers 1 and 2 ran for the base only
+    assert net.calls == [2, 1, 1]
+    expected = net.layers[2](net.layers[0](source))
+    torch.testing.assert_close(out.value, expected, rtol=0, atol=0)

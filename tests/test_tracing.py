@@ -764,3 +764,22 @@ def test_whole_site_write_survives_in_place_ops_downstream(shape):
     assert torch.equal(value, torch.full(shape, -0.5))  # the caller's tensor is untouched
     assert torch.equal(first, torch.full((2, 4), 0.5))
     assert torch.equal(second, first)
+
+
+def test_write_value_with_extra_leading_singleton_dims_like_torch(gpt2, model, base):
+    value = torch.arange(32.0).reshape(1, 1, 32)
+    with iv.trace(model, base) as t:
+        t.layer[0].mlp.out[0, 2] = value
+        out = t.logits.save()
+
+    def edit(m, i, o):
+        o = o.clone()
+        o[0, 2] = value  # torch drops the leading singleton dims
+        return o
+
+    h = gpt2.transformer.h[0].mlp.register_forward_hook(edit)
+    try:
+        expected = gpt2(base).logits
+    finally:
+        h.remove()
+    torch.testing.assert_close(out.value, expected, rtol=0, atol=0)

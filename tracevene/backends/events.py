@@ -14,8 +14,11 @@ from .interpret import Env
 from .plan import Pass
 
 
-class Stop(Exception):
-    """Raised inside a hook to end a pass that has done all it was needed for."""
+class Stop(BaseException):
+    """Raised inside a hook to end a pass that has done all it was needed for.
+
+    A ``BaseException``, so that a model's own ``except Exception`` cannot swallow it.
+    """
 
 
 class PassRun:

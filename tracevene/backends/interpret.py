@@ -122,6 +122,8 @@ def _assign(site: Tensor, index: Any, value: Any, node: Node) -> Tensor:
     if not isinstance(value, Tensor):
         value = torch.as_tensor(value, dtype=site.dtype, device=site.device)
     target = site if index == () else site[index]
+    while value.dim() > target.dim() and value.shape[0] == 1:  # as torch's setitem allows
+        value = value[0]
     try:
         shape = torch.broadcast_shapes(value.shape, target.shape)
     except RuntimeError:

@@ -50,7 +50,8 @@ class Plan:
     def describe(self) -> str:
         """One line per pass, e.g. ``pass 1: base+src1 (batched, 3 hook points)``."""
         return "\n".join(
-            f"pass {i + 1}: {'+'.join(run_name(r) for r in p.runs)} ({len(p.events)} hook points)"
+            f"pass {i + 1}: {'+'.join(run_name(r) for r in p.runs)} "
+            f"({self.mode}, {len(p.events)} hook point{'s' * (len(p.events) != 1)})"
             for i, p in enumerate(self.passes)
         )
 

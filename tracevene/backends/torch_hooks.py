@@ -60,7 +60,7 @@ class TorchBackend(Backend):
         env = Env(program, dict(args), model.device)
         grad = torch.is_grad_enabled() and _needs_grad(program, args)
         output = None
-        with torch.set_grad_enabled(grad), _frozen(model.module, grad):
+        with torch.set_grad_enabled(grad), _frozen(model.module, grad, program):
             env.run_nodes(plan.prelude)
             for p in plan.passes:
                 out = _run_pass(model, p, [calls[r] for r in p.runs], env)
@@ -89,9 +89,15 @@ def _needs_grad(program: Program, args: Mapping[str, Any]) -> bool:
 
 
 @contextlib.contextmanager
-def _frozen(module: nn.Module, active: bool) -> Iterator[None]:
-    """Keep the model's own parameters out of the autograd graph while a program runs."""
-    params = [p for p in module.parameters() if p.requires_grad] if active else []
+def _frozen(module: nn.Module, active: bool, program: Program) -> Iterator[None]:
+    """Keep the model's own parameters out of the autograd graph while a program runs.
+
+    Parameters that an intervention module of the program shares with the model stay
+    trainable.
+    """
+    shared = {id(p) for m in program.modules.values() for p in m.parameters()}
+    params = [p for p in module.parameters() if p.requires_grad and id(p) not in shared]
+    params = params if active else []
     for p in params:
         p.requires_grad_(False)
     try:

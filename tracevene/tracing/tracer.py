@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 _state = threading.local()
+_patch_lock = threading.Lock()
+_patch_users = 0  # with-blocks recording in any thread: nn.Module.__call__ is patched while > 0
 
 
 def _user_location() -> str:
@@ -314,7 +316,10 @@ class Run(_Scope):
     def program(self) -> Program:
         """The recorded program (after the block)."""
         if self._tracer.program is None:
-            raise TraceError("t.program is available after the with-block ends.")
+            raise TraceError(
+                "t.program is available after the with-block ends, and only if the block "
+                "finished without an exception."
+            )
         return self._tracer.program
 
     @property
@@ -383,15 +388,20 @@ class trace:  # noqa: N801 - used as a function: iv.trace(model, ...)
         self.tracer = Tracer(self.model)
 
     def __enter__(self) -> Run:
-        active = getattr(_state, "active", ())
-        _state.active = (*active, self.tracer)
-        nn.Module.__call__ = _patched_call
+        global _patch_users
+        _state.active = (*getattr(_state, "active", ()), self.tracer)
+        with _patch_lock:
+            _patch_users += 1
+            nn.Module.__call__ = _patched_call
         return Run(self.tracer, 0)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        global _patch_users
         _state.active = tuple(t for t in _state.active if t is not self.tracer)
-        if not _state.active:
-            nn.Module.__call__ = _original_call
+        with _patch_lock:
+            _patch_users -= 1
+            if _patch_users == 0:
+                nn.Module.__call__ = _original_call
         self.tracer.closed = True
         if exc_type is not None:
             return False
