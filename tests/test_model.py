@@ -58,3 +58,12 @@ def test_to_backend_keeps_weights():
     model = iv.wrap(models.gpt2())
     other = model.to_backend("torch")
     assert other.module is model.module and other is not model
+
+
+def test_load_without_tokenizer_files_gives_no_tokenizer(tmp_path):
+    models.gpt2().save_pretrained(tmp_path)
+    model = iv.load(str(tmp_path), backend="torch")
+    assert model.tokenizer is None
+    with pytest.raises(ValueError, match="text inputs need a tokenizer"):
+        with iv.trace(model, "Mary and John") as t:
+            t.logits.save()

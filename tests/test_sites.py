@@ -931,3 +931,18 @@ def test_module_site_on_hf_model_matches_vocab_site():
         a = t.module("transformer.h.1.mlp").output.save()
         b = t.layer[1].mlp.out.save()
     assert torch.equal(a.value, b.value)
+
+
+def test_negative_head_index_counts_from_the_sites_own_heads_under_gqa():
+    model = iv.wrap(M.llama())  # 4 query heads, 2 key/value heads
+    ids = M.tokens()
+    with iv.trace(model, ids) as t:
+        k_last = t.layer[0].attn.head[-1].k.save()
+        q_last = t.layer[0].attn.head[-1].q.save()
+        k_all = t.layer[0].attn.k.save()
+        q_all = t.layer[0].attn.q.save()
+    assert torch.equal(k_last.value, k_all.value[:, :, 1])
+    assert torch.equal(q_last.value, q_all.value[:, :, 3])
+    with pytest.raises(iv.SiteError, match=r"head -3 is out of range .*key/value heads 0\.\.1"):
+        with iv.trace(model) as t:
+            t.layer[0].attn.head[-3].v.save()

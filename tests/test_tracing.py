@@ -433,8 +433,7 @@ def test_named_saves_in_result(model, base, clean):
     assert t.program.saves == ["mlp0", "last"]
     with pytest.raises(KeyError, match="no save named 'nope'; named saves: mlp0, last"):
         result["nope"]
-    with pytest.raises(iv.TraceError, match="give it a name"):
-        result[unnamed]
+    assert torch.equal(result[unnamed], clean["transformer.h.1"])  # the handle's program
 
 
 def test_duplicate_save_name_raises(model):
@@ -783,3 +782,16 @@ def test_write_value_with_extra_leading_singleton_dims_like_torch(gpt2, model, b
     finally:
         h.remove()
     torch.testing.assert_close(out.value, expected, rtol=0, atol=0)
+
+
+def test_unnamed_save_handle_indexes_a_result_of_its_own_program(model, base, source):
+    with iv.trace(model) as t:
+        src = t.source()
+        t.layer[1].resid_pre[:, 2] = src.layer[1].resid_pre[:, 2]
+        logits = t.logits.save()
+    result = t.program.run(model, base, [source])
+    assert torch.equal(result[logits], result.output.logits)
+    with iv.trace(model) as other:
+        other.logits.save()
+    with pytest.raises(iv.TraceError, match="belongs to another program"):
+        other.program.run(model, base)[logits]

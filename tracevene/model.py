@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -114,11 +115,23 @@ def load(name_or_path: str, backend: str | None = None, **from_pretrained_kwargs
         else transformers.AutoModel
     )
     module = auto.from_pretrained(name_or_path, **from_pretrained_kwargs).eval()
+    return wrap(module, backend, _tokenizer(name_or_path))
+
+
+def _tokenizer(name_or_path: str) -> Any:
+    """The tokenizer saved with a model, or ``None`` where there is none."""
+    import transformers
+
+    local = Path(name_or_path)
+    if local.is_dir() and not any(local.glob(_TOKENIZER_FILES)):
+        return None  # from_pretrained would build an empty tokenizer instead of failing
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
+        return transformers.AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError):
-        tokenizer = None
-    return wrap(module, backend, tokenizer)
+        return None
+
+
+_TOKENIZER_FILES = "*token*"  # tokenizer.json, tokenizer_config.json, special_tokens_map.json
 
 
 _CAUSAL_TYPES = {"gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gemma"}

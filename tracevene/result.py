@@ -25,6 +25,7 @@ class Result:
     output: Any
     values: dict[int, Tensor] = field(default_factory=dict, repr=False)
     plan: Any = field(default=None, repr=False)
+    program: Any = field(default=None, repr=False)
 
     def __getitem__(self, key: Any) -> Tensor:
         """``result["name"]``, or ``result[saved_handle]``."""
@@ -37,9 +38,12 @@ class Result:
         save = getattr(key, "_save", None)
         if save is None:
             raise TraceError(f"index a result with a save name or a saved handle, not {key!r}")
-        if getattr(key, "name", None) is not None:
+        tracer = key._tracer
+        if self.program is not None and self.program is tracer.program:
+            return self.values[tracer.node_map[save]]
+        if key.name is not None:
             return self.saves[key.name]
         raise TraceError(
-            "an unnamed save from a with-block cannot be looked up in another run's result: "
-            "give it a name (.save('name')) and use result['name']."
+            "this unnamed save belongs to another program than the one that made this "
+            "result: give it a name (.save('name')) and use result['name']."
         )

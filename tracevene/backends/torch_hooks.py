@@ -68,7 +68,7 @@ class TorchBackend(Backend):
                     output = out
         values = {n.id: env.values[n.id] for n in program.nodes if n.op == "save"}
         saves = {n.target: values[n.id] for n in program.nodes if n.op == "save" and n.target}
-        return Result(saves, output, values, plan)
+        return Result(saves, output, values, plan, program)
 
 
 def _mode(schedule: str, device: torch.device) -> str:

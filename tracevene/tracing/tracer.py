@@ -53,6 +53,7 @@ class Tracer:
         self.save_names: set[str] = set()
         self.program: Program | None = None
         self.result: Result | None = None
+        self.node_map: dict[int, int] = {}  # recorded node id -> id in the built program
         self.closed = False
 
     # -- recording -------------------------------------------------------------
@@ -191,15 +192,28 @@ class SiteValue(Value):
 class _Scope:
     """An attribute path inside a run (``t.layer[3].attn``): children are sites or scopes."""
 
-    __slots__ = ("_tracer", "_run", "_prefix", "_level", "_where")
+    __slots__ = ("_tracer", "_run", "_prefix", "_level", "_where", "_head")
 
-    def __init__(self, tracer: Tracer, run: int, prefix: str, level: str, where: str):
-        for k, v in zip(_Scope.__slots__, (tracer, run, prefix, level, where), strict=True):
+    def __init__(self, tracer: Tracer, run: int, prefix: str, level: str, where: str,
+                 head: int | None = None):  # fmt: skip
+        values = (tracer, run, prefix, level, where, head)
+        for k, v in zip(_Scope.__slots__, values, strict=True):
             object.__setattr__(self, k, v)
 
     def _name(self, attr: str) -> str:
         check_child(self._level, attr, self._where)
-        return f"{self._prefix}{attr}"
+        if self._head is None:
+            return f"{self._prefix}{attr}"
+        # a negative head counts from the end of the heads this site has (GQA: k, v)
+        resolver = self._tracer.model.resolver
+        n = resolver.n_kv_heads if attr in ("k", "v") else resolver.n_heads
+        if not -n <= self._head < n:
+            what = "key/value heads" if n != resolver.n_heads else "heads"
+            raise SiteError(
+                f"head {self._head} is out of range for {self._where}.{attr}: this model has "
+                f"{what} 0..{n - 1} (negative indices count from the end)."
+            )
+        return f"{self._prefix}{self._head % n}.{attr}"
 
     def __getattr__(self, attr: str) -> Any:
         if attr.startswith("__"):
@@ -236,17 +250,18 @@ class _Indexed:
                 f"{self._kind}[{i!r}]: index {self._kind}s with a plain int "
                 f"(loop with for i in range(...) to cover several)."
             )
-        n = self._count()
-        if n is not None and i < 0:
-            i += n
-        if n is not None and not 0 <= i < n:
-            raise SiteError(
-                f"{self._kind} {i - n if i < 0 else i} is out of range: this model has "
-                f"{self._kind}s 0..{n - 1} (negative indices count from the end)."
-            )
         s = self._scope
         where = f"{s._where}.{self._kind}[{i}]".lstrip(".")
-        return _Scope(s._tracer, s._run, f"{s._prefix}{self._kind}.{i}.", self._kind, where)
+        if self._kind == "head":  # checked per site: k and v may have fewer heads
+            return _Scope(s._tracer, s._run, f"{s._prefix}head.", "head", where, head=i)
+        n = self._count()
+        if n is not None and not -n <= i < n:
+            raise SiteError(
+                f"layer {i} is out of range: this model has layers 0..{n - 1} (negative "
+                "indices count from the end)."
+            )
+        i = i % n if n is not None else i
+        return _Scope(s._tracer, s._run, f"{s._prefix}layer.{i}.", "layer", where)
 
     def __iter__(self):
         return (self[i] for i in range(self._count()))
@@ -425,9 +440,6 @@ class trace:  # noqa: N801 - used as a function: iv.trace(model, ...)
             self.model, self.base, tracer.source_inputs, schedule=self.schedule,
             forward_kwargs=forward, **args,
         )  # fmt: skip
-        result.values = {
-            old: result.values[new] for old, new in tracer.node_map.items() if new in result.values
-        }
         tracer.result = result
 
 

@@ -90,7 +90,8 @@ class Value:
         name = function_name(func)
         if name is not None:
             _reject_inplace(name, kwargs or {})
-            return tracer.value("call_function", name, args, kwargs or {})
+            kwargs = {k: v for k, v in (kwargs or {}).items() if not k.startswith("_")}
+            return tracer.value("call_function", name, args, kwargs)
         method = getattr(func, "__name__", "")
         if getattr(torch.Tensor, method, None) is not None:
             return tracer.value("call_method", check_method(method), args, kwargs or {})
@@ -163,9 +164,9 @@ class Saved(Value):
             raise NotRunError(
                 f"{self!r} has no value yet: the program runs when the with-block exits, "
                 "and only if iv.trace(model, inputs) was given inputs. Without inputs, run "
-                "t.program.run(model, base, sources) and read result[saved]."
+                "result = t.program.run(model, base, sources) and read result[saved]."
             )
-        return result.values[self._save]
+        return result[self]
 
     def __repr__(self) -> str:
         label = f" {self.name!r}" if self.name else ""
