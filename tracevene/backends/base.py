@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 #: backend name -> (module, class, pip extra, package it needs)
 BACKENDS: dict[str, tuple[str, str, str | None, str | None]] = {
     "torch": ("tracevene.backends.torch_hooks", "TorchBackend", None, None),
+    "nnsight": ("tracevene.backends.nnsight", "NNsightBackend", "nnsight", "nnsight"),
 }
-PLANNED = {"nnsight": "nnsight", "transformer_lens": "transformer_lens"}
+PLANNED = {"transformer_lens": "transformer_lens"}
 
 
 class Backend(ABC):
