@@ -795,3 +795,19 @@ def test_unnamed_save_handle_indexes_a_result_of_its_own_program(model, base, so
         other.logits.save()
     with pytest.raises(iv.TraceError, match="belongs to another program"):
         other.program.run(model, base)[logits]
+
+
+def test_logit_lens_calls_model_modules_that_also_hold_sites(gpt2, model, base):
+    with iv.trace(model, base) as t:
+        h = t.layer[1].resid_post
+        lens = gpt2.lm_head(gpt2.transformer.ln_f(h)).save()
+        logits = t.logits.save()
+    hidden = {}
+    hook = gpt2.transformer.h[1].register_forward_hook(lambda m, i, o: hidden.update(h=o))
+    try:
+        expected_logits = gpt2(base).logits
+    finally:
+        hook.remove()
+    expected_lens = gpt2.lm_head(gpt2.transformer.ln_f(hidden["h"]))
+    torch.testing.assert_close(lens.value, expected_lens, rtol=0, atol=0)
+    torch.testing.assert_close(logits.value, expected_logits, rtol=0, atol=0)

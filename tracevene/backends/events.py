@@ -42,15 +42,30 @@ class PassRun:
         self.fired: set[tuple[str, str]] = set()
         self.captured: dict[tuple[str, str], Tensor] = {}
         self.stop_early = 0 not in p.runs
+        self.busy = False  # True while nodes run: module calls they make are not events
 
     def fire(self, point: tuple[str, str], x: Tensor, module: nn.Module, inp: Any) -> Tensor | None:
         """Execute the events of one hook point; returns the new tensor if written."""
+        if self.busy:  # a program node called a module of the model (a logit lens)
+            return None
         if point in self.fired:
             raise ExecutionError(
                 f"module {point[0]!r} ran more than once in one forward pass, so its sites "
                 "are ambiguous; tracevene does not guess which call you meant."
             )
         self.fired.add(point)
+        self.busy = True
+        try:
+            new = self._execute(point, x, module, inp)
+        finally:
+            self.busy = False
+        if point in self.captures:
+            self.captured[point] = x if new is None else new
+        if self.stop_early and self.fired >= self.points:
+            raise Stop
+        return new
+
+    def _execute(self, point: tuple[str, str], x: Tensor, module: nn.Module, inp: Any):
         ctx = Ctx(module, inp, self.captured)
         changed = False
         for node in self.p.events.get(point, ()):
@@ -63,10 +78,6 @@ class PassRun:
                     x, changed = self.env.write(node, binding, x, ctx), True
             else:
                 self.env.compute(node)
-        if point in self.captures:
-            self.captured[point] = x
-        if self.stop_early and self.fired >= self.points:
-            raise Stop
         return x if changed else None
 
     def unfired_message(self) -> str:

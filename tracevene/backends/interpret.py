@@ -81,9 +81,11 @@ class Env:
         """Run a read node against the hooked tensor ``x`` (all rows)."""
         try:
             value = binding.get(_rows(x, ctx.rows), ctx)
-            # A view of the live activation would change if the model later modifies
-            # it in place (ReLU(inplace=True)): keep the value as it was when read.
-            own = value is x or value._base is not None
+            # A view of a live activation would change if the model later modified it in
+            # place (ReLU(inplace=True)), which arbitrary modules may do: keep module-site
+            # values as they were when read. The architectures with site tables never
+            # modify activations in place, so vocabulary sites skip this copy.
+            own = binding.site.kind == "module" and (value is x or value._base is not None)
             self.values[node.id] = value.clone() if own else value
         except TraceveneError:
             raise

@@ -95,9 +95,11 @@ def _frozen(module: nn.Module, active: bool, program: Program) -> Iterator[None]
     Parameters that an intervention module of the program shares with the model stay
     trainable.
     """
+    if not active:
+        yield
+        return
     shared = {id(p) for m in program.modules.values() for p in m.parameters()}
     params = [p for p in module.parameters() if p.requires_grad and id(p) not in shared]
-    params = params if active else []
     for p in params:
         p.requires_grad_(False)
     try:
