@@ -86,6 +86,9 @@ def wrap(model: nn.Module | Model, backend: str | None = None, tokenizer: Any = 
             "call model.eval() before wrapping unless you mean it.",
             stacklevel=2,
         )
+    lens = any(c.__module__.startswith("transformer_lens.") for c in type(model).__mro__)
+    if backend is None and lens:  # HookedTransformer / TransformerBridge objects
+        backend = "transformer_lens"
     return Model(model, get_backend(backend or "torch"), tokenizer)
 
 

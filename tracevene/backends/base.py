@@ -21,8 +21,11 @@ if TYPE_CHECKING:
 BACKENDS: dict[str, tuple[str, str, str | None, str | None]] = {
     "torch": ("tracevene.backends.torch_hooks", "TorchBackend", None, None),
     "nnsight": ("tracevene.backends.nnsight", "NNsightBackend", "nnsight", "nnsight"),
+    "transformer_lens": (
+        "tracevene.backends.transformer_lens", "LensBackend", "transformer-lens", "transformer_lens"
+    ),
 }
-PLANNED = {"transformer_lens": "transformer_lens"}
+PLANNED: dict[str, str] = {}
 
 
 class Backend(ABC):

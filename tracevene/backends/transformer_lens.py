@@ -1,0 +1,770 @@
+"""The TransformerLens backend: programs run through TransformerLens hook points.
+
+Every forward pass of the plan (``plan.make_plan``, shared with every backend) is one
+call of the engine inside its own ``hooks(fwd_hooks=...)`` context manager, the API
+that ``TransformerBridge`` (TransformerLens 3.9 and 4.x) and ``HookedTransformer``
+(3.x) share; ``run_with_hooks`` is the same thing in one call. The events at each
+hook point are executed by the shared :class:`tracevene.backends.events.PassRun`,
+exactly as on the torch backend. TransformerLens removes its hooks when the context
+exits, whatever was raised inside it.
+
+Engines:
+
+- ``iv.wrap(hf_model, backend="transformer_lens")`` builds a ``TransformerBridge``
+  with ``build_bridge_from_module`` on a private deep copy (the bridge rewires the
+  module it is given); the caller's model is never touched. Bare base models
+  (``GPT2Model``, ``LlamaModel``, ``BertModel``) are bridged with the adapter of their
+  language-model class, minus the head.
+- ``iv.wrap(tl_model)`` runs a ``TransformerBridge`` or ``HookedTransformer`` as is.
+
+Sites (``{i}``: layer). Head sites (``attn.head[h].q`` ...) are slices of these on the
+head axis; ``head[h].out`` is ``z_h @ W_O[h]`` (no bias) computed from ``hook_z`` and
+written as a delta, as on the torch backend, so no model setting (``use_attn_result``)
+is ever changed.
+
+============== ================================ ================================
+site           TransformerBridge                HookedTransformer
+============== ================================ ================================
+embed          blocks.0.hook_resid_pre          same
+resid_pre      blocks.{i}.hook_resid_pre        same
+attn.q/k/v     blocks.{i}.attn.hook_q/k/v       same (before rotary on both)
+attn.pattern   blocks.{i}.attn.hook_pattern     same
+attn.z         blocks.{i}.attn.hook_z           same
+head[h].out    delta at blocks.{i}.attn.o.      delta at blocks.{i}.hook_attn_out
+               hook_out, from hook_z
+attn.out       blocks.{i}.hook_attn_out         same
+resid_mid      blocks.{i}.hook_resid_mid        same
+mlp.hidden     blocks.{i}.mlp.hook_post         same
+mlp.out        blocks.{i}.hook_mlp_out          same
+resid_post     blocks.{i}.hook_resid_post       same
+final          ln_final.hook_out                unembed.hook_in
+logits         unembed.hook_out                 same
+============== ================================ ================================
+
+On post-LayerNorm BERT bridges, ``attn.out`` is ``blocks.{i}.attn.o.hook_out`` (the
+output projection, before the residual and LayerNorm), ``resid_mid`` is
+``blocks.{i}.ln1.hook_out``, and ``final`` does not exist. Where an engine computes
+attention probabilities after the fact (BERT bridges fire ``hook_pattern`` after the
+attention output), ``attn.pattern`` is readable but not writable.
+
+Forward order comes from one probe forward pass (two tokens, no grad) that records
+when each hook point and module runs; a hook point that never runs, or runs more
+than once, is refused with a :class:`~tracevene.errors.SiteError` before any run.
+``t.hook(name)`` reaches any hook point (aliases resolve to TransformerLens's own
+names); ``t.module(path)`` reaches modules with plain torch hooks (Hugging Face paths
+inside a bridge, TransformerLens paths on a ``HookedTransformer``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import BackendError, ExecutionError, SiteError, closest
+from ..ir.program import Program
+from ..result import Result
+from ..sites.arch import find_arch
+from ..sites.bind import Binding, Ctx
+from ..sites.vocab import Site, display, parse, vocabulary
+from .base import Backend
+from .events import PassRun, Stop
+from .inputs import Call, batch_size, can_batch, concat, slice_output
+from .interpret import Env
+from .plan import Pass, make_plan
+from .torch_hooks import ATTENTION_NAME, _attention, _frozen, _install, _mode, _needs_grad
+
+try:
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
+except ImportError as e:  # pragma: no cover - get_backend checks the package first
+    raise BackendError(
+        "the 'transformer_lens' backend needs TransformerLens (3.9+ or 4.x): pip install "
+        f"'tracevene[transformer-lens]' ({e})"
+    ) from e
+
+#: Head axis of per-head sites in TransformerLens's layout (``[B, P, H, Dh]``,
+#: ``[B, H, P, P]`` for patterns).
+HEAD_DIM = {"attn.q": 2, "attn.k": 2, "attn.v": 2, "attn.z": 2, "attn.pattern": 1}
+
+#: TransformerLens config flags that switch hook points off, by hook-name suffix.
+GATES = (
+    ("attn.hook_result", "use_attn_result"),
+    ("hook_q_input", "use_split_qkv_input"),
+    ("hook_k_input", "use_split_qkv_input"),
+    ("hook_v_input", "use_split_qkv_input"),
+    ("mlp_in", "use_hook_mlp_in"),
+    ("attn_in", "use_attn_in"),
+)
+
+#: Vocabulary key -> candidate hook names on a ``HookedTransformer`` (the first that
+#: runs on the model wins).
+HOOKED: dict[str, tuple[str, ...]] = {
+    "embed": ("blocks.0.hook_resid_pre",),
+    "resid_pre": ("blocks.{i}.hook_resid_pre",),
+    "attn.q": ("blocks.{i}.attn.hook_q",),
+    "attn.k": ("blocks.{i}.attn.hook_k",),
+    "attn.v": ("blocks.{i}.attn.hook_v",),
+    "attn.pattern": ("blocks.{i}.attn.hook_pattern",),
+    "attn.z": ("blocks.{i}.attn.hook_z",),
+    "attn.head_out": ("blocks.{i}.hook_attn_out",),
+    "attn.out": ("blocks.{i}.hook_attn_out",),
+    "resid_mid": ("blocks.{i}.hook_resid_mid",),
+    "mlp.hidden": ("blocks.{i}.mlp.hook_post",),
+    "mlp.out": ("blocks.{i}.hook_mlp_out",),
+    "resid_post": ("blocks.{i}.hook_resid_post",),
+    "final": ("unembed.hook_in",),
+    "logits": ("unembed.hook_out",),
+}
+
+#: The same on a ``TransformerBridge``. Its ``hook_resid_mid`` is the input hook of
+#: ``ln2`` (a write there reaches the MLP but not the residual stream), so resid_mid
+#: is ``resid_pre + attn.out`` at ``hook_attn_out``, as on the torch backend.
+BRIDGE: dict[str, tuple[str, ...]] = {
+    **HOOKED,
+    "attn.head_out": ("blocks.{i}.attn.o.hook_out", "blocks.{i}.hook_attn_out"),
+    "resid_mid": ("blocks.{i}.hook_attn_out",),
+    "final": ("ln_final.hook_out", "unembed.hook_in"),
+}
+
+#: Post-LayerNorm encoders (BERT) on a bridge.
+POST_LN: dict[str, tuple[str, ...]] = {
+    **BRIDGE,
+    "attn.out": ("blocks.{i}.attn.o.hook_out",),
+    "resid_mid": ("blocks.{i}.ln1.hook_out",),
+}
+POST_LN_TYPES = ("bert",)
+NO_FINAL = "BERT is post-LayerNorm and has no final norm; read layer[-1].resid_post"
+PARALLEL = (
+    "this model runs attention and MLP in parallel from resid_pre, so no residual exists "
+    "between them; read attn.out and mlp.out instead"
+)
+NO_HEAD = (
+    "this model has no language-model head: load it with its head (e.g. "
+    "AutoModelForCausalLM / AutoModelForMaskedLM) or read layer[-1].resid_post"
+)
+
+#: ``config.model_type`` -> the Hugging Face class whose bridge adapter serves it.
+LM_CLASS = {
+    "gpt2": "GPT2LMHeadModel",
+    "gpt_neox": "GPTNeoXForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "bert": "BertForMaskedLM",
+}
+
+_PRIVATE: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # bridges built by this backend
+
+
+class LensBackend(Backend):
+    """Runs programs through TransformerLens hook points (``hooks()`` / ``run_with_hooks``)."""
+
+    name = "transformer_lens"
+
+    def prepare(self, module: nn.Module) -> nn.Module:
+        """The caller's TransformerLens model, or a bridge over a private copy of an HF one."""
+        if is_lens(module):
+            return module
+        return build_bridge(module)
+
+    def make_resolver(self, module: nn.Module) -> LensResolver:
+        """Binds site names to the engine's hook points."""
+        return LensResolver(module)
+
+    def check_site(self, model: Any, site: str) -> None:
+        """Validate ``site`` on ``model`` (binding it caches the hook point)."""
+        model.resolver.bind(site)
+
+    def run(
+        self,
+        model: Any,
+        program: Program,
+        inputs: Sequence[Any],
+        args: Mapping[str, Any],
+        forward_kwargs: dict[str, Any],
+        schedule: str,
+    ) -> Result:
+        """Run ``program``; see :meth:`tracevene.Program.run`."""
+        resolver: LensResolver = model.resolver
+        resolver.check_writes(program)
+        calls = [resolver.to_call(model, x, forward_kwargs) for x in inputs]
+
+        def locate(site: str):
+            b = resolver.bind(site)
+            return (b.path, b.io), b.order
+
+        plan = make_plan(program, locate, _mode(schedule, model.device), can_batch(calls))
+        env = Env(program, dict(args), model.device)
+        grad = torch.is_grad_enabled() and _needs_grad(program, args)
+        output = None
+        frozen = _frozen(model.module, grad, program) if grad else contextlib.nullcontext()
+        with torch.set_grad_enabled(grad), frozen:  # a bridge's parameters() is slow
+            env.run_nodes(plan.prelude)
+            for p in plan.passes:
+                out = _run_pass(model, p, [calls[r] for r in p.runs], env)
+                if 0 in p.runs:
+                    output = out
+        values = {n.id: env.values[n.id] for n in program.nodes if n.op == "save"}
+        saves = {n.target: values[n.id] for n in program.nodes if n.op == "save" and n.target}
+        return Result(saves=saves, output=output, values=values, plan=plan, program=program)
+
+
+# -- engines ---------------------------------------------------------------------------
+def is_lens(module: Any) -> bool:
+    """Whether ``module`` is a TransformerLens model (bridge or ``HookedRootModule``)."""
+    return any(c.__module__.startswith("transformer_lens.") for c in type(module).__mro__)
+
+
+class _BaseModel(nn.Module):
+    """Holds a bare base model under the attribute its LM class uses (for the adapter)."""
+
+    def __init__(self, attr: str, base: nn.Module):
+        super().__init__()
+        self.attr = attr
+        self.add_module(attr, base)
+        self.config = base.config
+        self.train(base.training)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self, self.attr)(*args, **kwargs)
+
+
+def build_bridge(module: nn.Module) -> nn.Module:
+    """A ``TransformerBridge`` over a private deep copy of a Hugging Face model.
+
+    Raises:
+        BackendError: The module is not a Hugging Face model TransformerLens can bridge.
+    """
+    config = getattr(module, "config", None)
+    if config is None or not hasattr(config, "model_type"):
+        raise BackendError(
+            f"the transformer_lens backend bridges Hugging Face models and runs "
+            f"TransformerLens models; a plain {type(module).__name__} has neither: use "
+            "backend='torch' (or 'nnsight') with t.module(path) sites."
+        )
+    found = find_arch(module)
+    copied = copy.deepcopy(module)
+    architecture, drop = type(module).__name__, None
+    if found is not None and found[1] == "" and config.model_type in LM_CLASS:
+        copied = _BaseModel(found[0].base, copied)  # a bare base model: no head
+        architecture, drop = LM_CLASS[config.model_type], copied
+    try:
+        bridge = build_bridge_from_module(
+            copied,
+            architecture,
+            hf_config=copied.config,
+            post_adapter_hook=None if drop is None else lambda a: _drop_missing(a, drop),
+        )
+    except (ValueError, NotImplementedError, AttributeError, KeyError) as e:
+        raise BackendError(
+            f"TransformerLens cannot build a bridge for {architecture} "
+            f"(model_type {config.model_type!r}): {e}. Use backend='torch' or 'nnsight'."
+        ) from e
+    _PRIVATE.add(bridge)
+    return bridge
+
+
+def _drop_missing(adapter: Any, holder: nn.Module) -> None:
+    """Remove adapter components whose module the (headless) model does not have."""
+    for key, component in list(adapter.component_mapping.items()):
+        path = getattr(component, "name", None)
+        if path:
+            try:
+                holder.get_submodule(path)
+            except AttributeError:
+                del adapter.component_mapping[key]
+
+
+@dataclass(frozen=True)
+class LensArch:
+    """What ``repr(model)`` shows for a model on this backend."""
+
+    name: str
+
+
+# -- the resolver ------------------------------------------------------------------------
+class LensResolver:
+    """Binds site names to the hook points (and modules) of one TransformerLens engine.
+
+    Attributes:
+        engine: The ``TransformerBridge`` / ``HookedTransformer`` that runs.
+        hf_module: The Hugging Face model inside a bridge this backend built (its
+            output is the run's output), else ``None`` (the output is the engine's
+            logits).
+        points: Hook name (TransformerLens's own or an alias) -> ``HookPoint``.
+        modules: Module path -> module, for ``t.module(path)`` sites.
+    """
+
+    def __init__(self, engine: nn.Module):
+        if not is_lens(engine):
+            raise BackendError(f"expected a TransformerLens model, got {type(engine).__name__}")
+        self.engine = engine
+        self.bridge = isinstance(engine, TransformerBridge)
+        hf = engine.original_model if self.bridge else None
+        self.hf_root = hf
+        self.hf_module = hf if engine in _PRIVATE else None
+        self.points = dict(engine.hook_dict)
+        self.modules = _module_paths(hf if hf is not None else engine)
+        cfg = engine.cfg
+        self.vocab = self.bridge or type(engine).__name__ == "HookedTransformer"
+        self.n_layers = cfg.n_layers if self.vocab else None
+        self.n_heads = cfg.n_heads if self.vocab else None
+        kv = getattr(cfg, "n_key_value_heads", None) if self.vocab else None
+        self.n_kv_heads = kv or self.n_heads
+        self.d_model = cfg.d_model if self.vocab else None
+        self.d_head = cfg.d_head if self.vocab else None
+        model_type = getattr(getattr(hf, "config", None), "model_type", None)
+        self.post_ln = model_type in POST_LN_TYPES
+        self.table = POST_LN if self.post_ln else BRIDGE if self.bridge else HOOKED
+        name = f"{type(engine).__name__}" + (f" ({model_type})" if model_type else "")
+        self.arch = LensArch(name)
+        self._probed: tuple | None = None
+        self._order: dict[tuple[str, str], int] = {}
+        self._counts: Counter = Counter()
+        self._cache: dict[str, Binding] = {}
+        self._read_only: dict[str, str] = {}
+
+    # -- names ---------------------------------------------------------------------
+    def sites(self) -> list[str]:
+        """Vocabulary sites this model offers, in forward order (``{h}``: any head)."""
+        if not self.vocab:
+            return []
+        out = []
+        for name in vocabulary(self.n_layers):
+            try:
+                self.check(name.replace("{h}", "0"))
+            except SiteError:
+                continue
+            out.append(display(name))
+        return out
+
+    def check(self, name: str) -> Site:
+        """Parse and validate a site name for this model.
+
+        Raises:
+            SiteError: Unknown name, layer or head out of range, or a site this engine
+                cannot offer (with the reason).
+        """
+        site = parse(name)
+        if site.kind == "hook":
+            self._hook(site.key)
+        elif site.kind == "module":
+            self._module(site.key, site.io)
+        else:
+            self._hook_of(site)
+        return site
+
+    def bind(self, name: str) -> Binding:
+        """The :class:`Binding` of a site name (validated, cached)."""
+        self._refresh()
+        if name not in self._cache:
+            self._cache[name] = self._bind(self.check(name))
+        return self._cache[name]
+
+    def check_writes(self, program: Program) -> None:
+        """Refuse, before anything runs, writes to sites this engine only lets us read."""
+        for node in program.nodes:
+            if node.op == "write":
+                self.bind(node.target)
+                reason = self._read_only.get(node.target)
+                if reason:
+                    raise SiteError(
+                        f"line {node.loc}: cannot write {display(node.target)}: {reason}."
+                    )
+
+    # -- hook points and modules ---------------------------------------------------
+    def _hook(self, name: str) -> str:
+        """TransformerLens's own name of a hook point that runs once per forward."""
+        self._refresh()
+        if name not in self.points:
+            near = ", ".join(repr(n) for n in closest(name, self.points))
+            raise SiteError(f"no hook point {name!r} on this model; closest: {near}.")
+        canonical = self.points[name].name or name
+        for suffix, flag in GATES:
+            if canonical.endswith(suffix) and not getattr(self.engine.cfg, flag, True):
+                hint = ", or read attn.head[h].out" if flag == "use_attn_result" else ""
+                raise SiteError(
+                    f"hook({name!r}) is switched off on this model ({flag}=False). tracevene "
+                    f"does not change model settings: call model.module.set_{flag}(True) "
+                    f"first{hint}."
+                )
+        self._runs_once((canonical, "hook"), f"hook({name!r})")
+        return canonical
+
+    def _module(self, path: str, io: str) -> nn.Module:
+        if path not in self.modules:
+            near = ", ".join(repr(p) for p in closest(path, [n for n in self.modules if n]))
+            raise SiteError(f"no module {path!r} in this model; closest paths: {near}.")
+        self._runs_once((path, io), f"module({path!r}).{io}")
+        return self.modules[path]
+
+    def _runs_once(self, point: tuple[str, str], what: str) -> None:
+        n = self._counts[point]
+        if n == 0:
+            raise SiteError(
+                f"{what} never runs in this model's forward pass (TransformerLens computes "
+                "it elsewhere or not at all), so it cannot be read or written on the "
+                "transformer_lens backend."
+            )
+        if n > 1:
+            raise SiteError(
+                f"{what} runs {n} times in one forward pass, so it is ambiguous; "
+                "tracevene does not guess which call you meant."
+            )
+
+    def _hook_of(self, site: Site) -> str:
+        """The hook point of a vocabulary site (validated)."""
+        where = display(site.name)
+        if not self.vocab:
+            raise SiteError(
+                f"{where}: this {type(self.engine).__name__} has no site table on the "
+                "transformer_lens backend; use t.hook(name) (hook names: "
+                f"{', '.join(list(self.points)[:6])}, ...)."
+            )
+        self._check_range(site, where)
+        key = "attn.head_out" if site.key == "attn.out" and site.head is not None else site.key
+        if key == "final" and self.post_ln:
+            raise SiteError(f"{where} is not available: {NO_FINAL}.")
+        if key == "resid_mid" and self._parallel():
+            raise SiteError(f"{where} is not available: {PARALLEL}.")
+        names = [n.format(i=site.layer) for n in self.table[key]]
+        self._refresh()
+        for n in names:
+            if n in self.points and self._counts[(self.points[n].name or n, "hook")]:
+                return self._hook(n)
+        reason = NO_HEAD if key == "logits" else f"none of its hook points ({', '.join(names)}) run"
+        raise SiteError(f"{where} is not available on this {self.arch.name}: {reason}.")
+
+    def _check_range(self, site: Site, where: str) -> None:
+        if site.layer is not None and not 0 <= site.layer < self.n_layers:
+            raise SiteError(
+                f"layer {site.layer} is out of range: this model has layers "
+                f"0..{self.n_layers - 1} (negative indices count from the end)."
+            )
+        if site.head is not None:
+            n = self.n_kv_heads if site.key in ("attn.k", "attn.v") else self.n_heads
+            if not 0 <= site.head < n:
+                what = "key/value heads" if n != self.n_heads else "heads"
+                raise SiteError(
+                    f"head {site.head} is out of range for {where}: layer {site.layer} has "
+                    f"{what} 0..{n - 1}."
+                )
+
+    def _parallel(self) -> bool:
+        """Whether attention and MLP both read resid_pre (no resid_mid exists)."""
+        hf = self.engine.original_model if self.bridge else None
+        configs = (self.engine.cfg, getattr(hf, "config", None))
+        flags = ("parallel_attn_mlp", "use_parallel_residual")
+        return any(bool(getattr(c, f, False)) for c in configs for f in flags)
+
+    # -- binding ---------------------------------------------------------------------
+    def _bind(self, site: Site) -> Binding:
+        if site.kind == "module":
+            point = (site.key, site.io)
+            return Binding(site, site.key, site.io, (self._order[point], 0), _ident, _put)
+        if site.kind == "hook":
+            name = self._hook(site.key)
+            return Binding(site, name, "hook", (self._order[(name, "hook")], 0), _ident, _put)
+        name = self._hook_of(site)
+        order = (self._order[(name, "hook")], 0)
+        key = "attn.head_out" if site.key == "attn.out" and site.head is not None else site.key
+        if key == "attn.head_out":
+            z = self._hook(f"blocks.{site.layer}.attn.hook_z")
+            get, put = _head_out_view(site.head, (z, "hook"), self._w_o(site.layer))
+            return Binding(site, name, "hook", order, get, put, ((z, "hook"),))
+        if key == "resid_mid" and self.table is BRIDGE:
+            pre = (self._hook(f"blocks.{site.layer}.hook_resid_pre"), "hook")
+            get, put = _resid_mid_view(pre)
+            return Binding(site, name, "hook", order, get, put, (pre,))
+        get, put = _ident, _put
+        if site.head is not None:
+            get, put = _select_head(HEAD_DIM[site.key], site.head)
+        if key == "attn.pattern" and not self._pattern_live(site.layer, name):
+            path = self._eager_pattern(site.layer)
+            if path is not None:  # inside the attention: just before the weighted values
+                z = self._hook(f"blocks.{site.layer}.attn.hook_z")
+                return Binding(site, path, "pattern", (self._order[(z, "hook")], -1), get, put)
+            self._read_only[site.name] = (
+                f"this {self.arch.name} computes attention probabilities after the attention "
+                f"output ({name} fires after the weighted values), so writing them would "
+                "change nothing; write attn.z or attn.v instead"
+            )
+        return Binding(site, name, "hook", order, get, put)
+
+    def _pattern_live(self, layer: int, name: str) -> bool:
+        """Whether ``hook_pattern`` fires before the weighted values (so writes count)."""
+        z = self.points.get(f"blocks.{layer}.attn.hook_z")
+        z_at = self._order.get((z.name, "hook")) if z is not None else None
+        return z_at is not None and self._order[(name, "hook")] < z_at
+
+    def _eager_pattern(self, layer: int) -> str | None:
+        """The HF module whose attention probabilities the eager route exposes.
+
+        For bridges that only report probabilities after the fact (BERT); ``None``
+        where there is no such module.
+        """
+        found = find_arch(self.hf_root) if self.hf_root is not None else None
+        hook = found[0].sites.get("attn.pattern") if found else None
+        if hook is None or hook.io != "pattern":
+            return None
+        arch, prefix = found
+        path = hook.path.format(layer=f"{prefix}{arch.layers}.{layer}")
+        if path not in self.modules or not self._counts[(path, "input")]:
+            return None
+        return path
+
+    def _w_o(self, layer: int) -> Callable[[], Tensor]:
+        """``() -> W_O`` of a layer as ``[H, Dh, D]`` (read when the view runs).
+
+        TransformerLens's own ``attn.W_O`` where the engine has it (both engines in
+        3.9 and 4.x), else the output projection's weight.
+        """
+        attn = self.engine.blocks[layer].attn
+        h, dh = self.n_heads, self.d_head
+        with contextlib.suppress(Exception):
+            if tuple(attn.W_O.shape) == (h, dh, self.d_model):
+                return lambda: attn.W_O
+        o = getattr(attn, "o", None)
+        o = getattr(o, "original_component", None) or o
+        if isinstance(o, nn.Linear):
+            return lambda: o.weight.T.reshape(h, dh, -1)
+        if type(o).__name__ == "Conv1D":  # transformers' Conv1D stores [d_in, d_out]
+            return lambda: o.weight.reshape(h, dh, -1)
+        raise SiteError(
+            f"layer[{layer}].attn.head[h].out is not available on this {self.arch.name}: "
+            "TransformerLens gives no W_O for its attention."
+        )
+
+    # -- the probe ---------------------------------------------------------------------
+    def _refresh(self) -> None:
+        """Probe forward order once, and again whenever a hook-gating flag changes."""
+        key = tuple(getattr(self.engine.cfg, flag, None) for _, flag in GATES)
+        if self._probed == key:
+            return
+        self._order, self._counts = self._probe()
+        self._probed = key
+        self._cache.clear()
+        self._read_only.clear()
+
+    def _probe(self) -> tuple[dict[tuple[str, str], int], Counter]:
+        """Run two tokens through the engine, noting when every hook point and module runs."""
+        order: dict[tuple[str, str], int] = {}
+        counts: Counter = Counter()
+
+        def note(point: tuple[str, str]) -> None:
+            counts[point] += 1
+            order.setdefault(point, len(order))
+
+        handles = []
+        try:
+            for name, hp in {hp.name or n: hp for n, hp in self.points.items()}.items():
+                handles.append(hp.register_forward_hook(lambda m, i, o, p=(name, "hook"): note(p)))
+            for path, mod in self.modules.items():
+                pre, post = (path, "input"), (path, "output")
+                handles.append(mod.register_forward_pre_hook(lambda m, i, p=pre: note(p)))
+                handles.append(mod.register_forward_hook(lambda m, i, o, p=post: note(p)))
+            ids = torch.zeros((1, 2), dtype=torch.long, device=_device(self.engine))
+            kwargs = {"use_cache": False} if self.bridge else {}
+            with torch.no_grad():
+                self.engine(ids, **kwargs)
+        except Exception as e:
+            raise BackendError(
+                f"could not run a probe forward pass (two tokens) on this "
+                f"{type(self.engine).__name__} to learn its hook order: {type(e).__name__}: {e}"
+            ) from e
+        finally:
+            for h in handles:
+                h.remove()
+        return order, counts
+
+    # -- inputs ------------------------------------------------------------------------
+    def to_call(self, model: Any, inputs: Any, forward_kwargs: Mapping[str, Any]) -> Call:
+        """``(args, kwargs)`` for ``engine(...)`` from one run's inputs."""
+        if isinstance(inputs, str) or (
+            isinstance(inputs, list) and inputs and all(isinstance(s, str) for s in inputs)
+        ):
+            inputs = self._tokenize(model, inputs)
+        if isinstance(inputs, Mapping):
+            kwargs = dict(inputs)
+            if "input_ids" not in kwargs:
+                raise TypeError(
+                    f"a dict of inputs needs 'input_ids' on the transformer_lens backend; got "
+                    f"{sorted(kwargs)}."
+                )
+            args = (kwargs.pop("input_ids"),)
+        elif isinstance(inputs, Tensor):
+            args, kwargs = (inputs,), {}
+        else:
+            raise TypeError(
+                f"cannot use a {type(inputs).__name__} as inputs on the transformer_lens "
+                "backend: pass token ids (a LongTensor [batch, pos]), a dict with "
+                "'input_ids', or text (with a tokenizer)."
+            )
+        kwargs = {**forward_kwargs, **kwargs}
+        if self.bridge:
+            kwargs.setdefault("use_cache", False)
+        device = model.device
+        to = lambda v: v.to(device) if isinstance(v, Tensor) else v  # noqa: E731
+        return tuple(to(a) for a in args), {k: to(v) for k, v in kwargs.items()}
+
+    def _tokenize(self, model: Any, text: str | list[str]) -> Any:
+        if model.tokenizer is not None:
+            return dict(model.tokenizer(text, return_tensors="pt", padding=True))
+        if getattr(self.engine, "tokenizer", None) is not None:
+            return self.engine.to_tokens(text)
+        raise ValueError(
+            "text inputs need a tokenizer: iv.wrap(model, tokenizer=tok), or pass token ids "
+            "(a LongTensor [batch, pos])."
+        )
+
+
+def _module_paths(root: nn.Module) -> dict[str, nn.Module]:
+    """Module path -> module, with a bridge's wrapper layers folded into HF paths.
+
+    A bridge replaces ``transformer.h.0`` by a component that holds the original as
+    ``_original_component``; both answer to the Hugging Face path, and the outer one
+    (which runs the original inside it) is hooked. Hook points are left to ``t.hook``.
+    """
+    from transformer_lens.hook_points import HookPoint
+
+    out: dict[str, nn.Module] = {}
+    for name, mod in root.named_modules(remove_duplicate=False):
+        if isinstance(mod, HookPoint):
+            continue
+        path = ".".join(p for p in name.split(".") if p != "_original_component")
+        out.setdefault(path, mod)
+    return out
+
+
+def _device(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+# -- views -----------------------------------------------------------------------------
+def _ident(x: Tensor, ctx: Ctx) -> Tensor:
+    return x
+
+
+def _put(x: Tensor, new: Tensor, ctx: Ctx) -> Tensor:
+    return new
+
+
+def _select_head(dim: int, h: int) -> tuple[Callable, Callable]:
+    index = (slice(None),) * dim + (h,)
+
+    def get(x: Tensor, ctx: Ctx) -> Tensor:
+        return x[index]
+
+    def put(x: Tensor, new: Tensor, ctx: Ctx) -> Tensor:
+        full = x.clone()
+        full[index] = new
+        return full
+
+    return get, put
+
+
+def _resid_mid_view(pre: tuple[str, str]) -> tuple[Callable, Callable]:
+    """resid_mid at the attention output: the block's input plus what attention adds."""
+
+    def get(out: Tensor, ctx: Ctx) -> Tensor:
+        return ctx.captured[pre][ctx.rows] + out
+
+    def put(out: Tensor, new: Tensor, ctx: Ctx) -> Tensor:
+        return new - ctx.captured[pre][ctx.rows]
+
+    return get, put
+
+
+def _head_out_view(h: int, z_point: tuple[str, str], w_o: Callable[[], Tensor]):
+    """Head ``h``'s share of the attention output: ``z_h @ W_O[h]`` plus earlier writes."""
+
+    def get(out: Tensor, ctx: Ctx) -> Tensor:
+        z = ctx.captured[z_point][ctx.rows]
+        value = z[..., h, :] @ w_o()[h]
+        delta = ctx.state.get((h, ctx.rows.start, ctx.rows.stop))
+        return value if delta is None else value + delta
+
+    def put(out: Tensor, new: Tensor, ctx: Ctx) -> Tensor:
+        change = new - get(out, ctx)
+        key = (h, ctx.rows.start, ctx.rows.stop)
+        ctx.state[key] = ctx.state.get(key, 0) + change
+        return out + change
+
+    return get, put
+
+
+# -- running one pass --------------------------------------------------------------------
+def _run_pass(model: Any, p: Pass, calls: list[Call], env: Env) -> Any:
+    resolver: LensResolver = model.resolver
+    state = PassRun(model, p, env, [batch_size(c) for c in calls])
+    args, kwargs = concat(calls)
+    fwd_hooks, handles, raw = [], [], {}
+    try:
+        for point in state.points:
+            path, io = point
+            if io == "hook":
+                fwd_hooks.append((path, _lens_hook(state, point)))
+            else:
+                handles.append(_install(state, point, resolver.modules[path]))
+        if resolver.hf_module is not None:
+            capture = lambda m, a, out: raw.__setitem__("out", out)  # noqa: E731
+            handles.append(resolver.hf_module.register_forward_hook(capture))
+        eager = any(io == "pattern" for _, io in state.points)
+        try:
+            with _eager_attention(resolver.hf_root, eager):
+                with resolver.engine.hooks(fwd_hooks=fwd_hooks):
+                    logits = resolver.engine(*args, **kwargs)
+        except Stop:
+            logits = None
+    finally:
+        for h in handles:
+            h.remove()
+    if state.fired < state.points:
+        raise ExecutionError(state.unfired_message())
+    output = raw.get("out") if resolver.hf_module is not None else logits
+    if 0 in p.runs and len(p.runs) > 1:
+        output = slice_output(output, state.rows[0])
+    return output
+
+
+@contextlib.contextmanager
+def _eager_attention(root: nn.Module | None, active: bool) -> Iterator[None]:
+    """Route the HF model's attention through the torch backend's eager function.
+
+    Only the Hugging Face configs inside the bridge are switched (and restored).
+    """
+    if not active or root is None:
+        yield
+        return
+    from transformers import AttentionInterface, AttentionMaskInterface, PretrainedConfig
+    from transformers.masking_utils import eager_mask
+
+    AttentionInterface.register(ATTENTION_NAME, _attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, eager_mask)
+    found = (getattr(m, "config", None) for m in root.modules())
+    configs = {id(c): c for c in found if isinstance(c, PretrainedConfig)}
+    saved = {k: c._attn_implementation for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation = ATTENTION_NAME
+        yield
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation = saved[k]
+
+
+def _lens_hook(state: PassRun, point: tuple[str, str]) -> Callable:
+    def hook(x: Tensor, hook: Any) -> Tensor | None:
+        return state.fire(point, x, hook, None)
+
+    return hook
