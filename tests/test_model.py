@@ -67,3 +67,15 @@ def test_load_without_tokenizer_files_gives_no_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="text inputs need a tokenizer"):
         with iv.trace(model, "Mary and John") as t:
             t.logits.save()
+
+
+@pytest.mark.real_default_backend
+def test_wrap_picks_nnsight_when_installed_else_torch(monkeypatch):
+    import importlib.util
+
+    import tracevene.model
+
+    expected = "nnsight" if importlib.util.find_spec("nnsight") else "torch"
+    assert iv.wrap(models.gpt2()).backend.name == expected
+    monkeypatch.setattr(tracevene.model.importlib.util, "find_spec", lambda name: None)
+    assert iv.wrap(models.gpt2()).backend.name == "torch"

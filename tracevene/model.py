@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,9 @@ def wrap(model: nn.Module | Model, backend: str | None = None, tokenizer: Any = 
 
     Args:
         model: A Hugging Face model, or any ``nn.Module``.
-        backend: ``"torch"`` (``None`` picks it).
+        backend: ``"nnsight"``, ``"transformer_lens"`` or ``"torch"``. ``None`` picks
+            the natural one: ``"transformer_lens"`` for TransformerLens objects, else
+            ``"nnsight"`` if it is installed, else ``"torch"``.
         tokenizer: Tokenizer for string inputs.
 
     Returns:
@@ -86,10 +89,14 @@ def wrap(model: nn.Module | Model, backend: str | None = None, tokenizer: Any = 
             "call model.eval() before wrapping unless you mean it.",
             stacklevel=2,
         )
-    lens = any(c.__module__.startswith("transformer_lens.") for c in type(model).__mro__)
-    if backend is None and lens:  # HookedTransformer / TransformerBridge objects
-        backend = "transformer_lens"
-    return Model(model, get_backend(backend or "torch"), tokenizer)
+    return Model(model, get_backend(backend or natural_backend(model)), tokenizer)
+
+
+def natural_backend(model: nn.Module) -> str:
+    """The backend ``wrap`` picks when none is named."""
+    if any(c.__module__.startswith("transformer_lens.") for c in type(model).__mro__):
+        return "transformer_lens"  # HookedTransformer / TransformerBridge objects
+    return "nnsight" if importlib.util.find_spec("nnsight") is not None else "torch"
 
 
 def as_model(model: Any) -> Model:
