@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..errors import BackendError, closest
+from ..ir.program import Program
+from ..result import Result
 from ..sites.bind import Resolver
+from .inputs import Call, can_batch, to_call
+from .interpret import Env
+from .plan import Pass, make_plan
 
 if TYPE_CHECKING:
-    from ..ir.program import Program
     from ..model import Model
-    from ..result import Result
 
 #: backend name -> (module, class, pip extra, package it needs)
 BACKENDS: dict[str, tuple[str, str, str | None, str | None]] = {
@@ -44,11 +49,25 @@ class Backend(ABC):
         """The object that binds site names to this backend's hook points."""
         return Resolver(module)
 
-    @abstractmethod
     def check_site(self, model: Model, site: str) -> None:
         """Raise :class:`tracevene.errors.SiteError` if ``site`` is not valid on ``model``."""
+        model.resolver.bind(site)  # binding validates, and caches the hook point
+
+    def to_call(self, model: Model, inputs: Any, forward_kwargs: dict[str, Any]) -> Call:
+        """``(args, kwargs)`` of the forward call for one run's inputs."""
+        return to_call(model, inputs, forward_kwargs)
+
+    def can_batch(self, model: Model, calls: list[Call]) -> bool:
+        """Whether these runs may share one forward pass."""
+        return model.resolver.arch is not None and can_batch(calls)
+
+    def check_program(self, model: Model, program: Program) -> None:  # noqa: B027
+        """Refuse, before anything runs, what this engine cannot do (default: nothing)."""
 
     @abstractmethod
+    def run_pass(self, model: Model, p: Pass, calls: list[Call], env: Env) -> Any:
+        """Run one forward pass of the plan; return the model output (``None`` if stopped)."""
+
     def run(
         self,
         model: Model,
@@ -59,6 +78,67 @@ class Backend(ABC):
         schedule: str,
     ) -> Result:
         """Run ``program`` with ``inputs[0]`` as the base and the rest as sources."""
+        self.check_program(model, program)
+        calls = [self.to_call(model, x, forward_kwargs) for x in inputs]
+
+        def locate(site: str) -> tuple[tuple[str, str], tuple]:
+            b = model.resolver.bind(site)
+            return (b.path, b.io), b.order
+
+        mode = run_mode(schedule, model.device)
+        plan = make_plan(program, locate, mode, self.can_batch(model, calls))
+        env = Env(program, dict(args), model.device)
+        grad = torch.is_grad_enabled() and needs_grad(program, args)
+        output = None
+        with torch.set_grad_enabled(grad), frozen(model.module, grad, program):
+            env.run_nodes(plan.prelude)
+            for p in plan.passes:
+                out = self.run_pass(model, p, [calls[r] for r in p.runs], env)
+                if 0 in p.runs:
+                    output = out
+        values = {n.id: env.values[n.id] for n in program.nodes if n.op == "save"}
+        saves = {n.target: values[n.id] for n in program.nodes if n.op == "save" and n.target}
+        return Result(saves, output, values, plan, program)
+
+
+def run_mode(schedule: str, device: torch.device) -> str:
+    """The schedule a run uses: ``"auto"`` resolved by device, others checked."""
+    if schedule not in ("auto", "batched", "sequential"):
+        raise ValueError(
+            f"schedule={schedule!r}: choose 'auto', 'batched' (base and sources in one "
+            "forward pass where possible) or 'sequential' (one pass per run)."
+        )
+    if schedule == "auto":  # batching is free on accelerators; on CPU, early stops win
+        return "sequential" if device.type == "cpu" else "batched"
+    return schedule
+
+
+def needs_grad(program: Program, args: Mapping[str, Any]) -> bool:
+    """Whether anything the program holds or is given requires grad."""
+    tensors = [*program.tensors.values(), *(a for a in args.values() if isinstance(a, Tensor))]
+    params = (p for m in program.modules.values() for p in m.parameters())
+    return any(t.requires_grad for t in tensors) or any(p.requires_grad for p in params)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module, active: bool, program: Program) -> Iterator[None]:
+    """Keep the model's own parameters out of the autograd graph while a program runs.
+
+    Parameters that an intervention module of the program shares with the model stay
+    trainable. Does nothing when ``active`` is false.
+    """
+    if not active:
+        yield
+        return
+    shared = {id(p) for m in program.modules.values() for p in m.parameters()}
+    params = [p for p in module.parameters() if p.requires_grad and id(p) not in shared]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def get_backend(name: str) -> Backend:

@@ -29,27 +29,21 @@ import contextlib
 import importlib
 import sys
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ..errors import ExecutionError, ScheduleError
-from ..ir.program import Program
-from ..result import Result
 from ..sites.bind import first_tensor
 from .base import Backend
 from .events import PassRun, Stop
-from .inputs import batch_size, can_batch, concat, slice_output, to_call
+from .inputs import batch_size, concat, slice_output
 from .interpret import Env
-from .plan import Pass, make_plan
+from .plan import Pass
 from .torch_hooks import (
     _PATTERN_HOOKS,
-    _frozen,
-    _mode,
-    _needs_grad,
     _pattern_attention,
     _replace_first,
     _tensor_kwarg,
@@ -88,43 +82,9 @@ class NNsightBackend(Backend):
     def __init__(self) -> None:
         self._wrapper: _Wrapper | None = None
 
-    def check_site(self, model: Any, site: str) -> None:
-        """Validate ``site`` on ``model``; TransformerLens hook sites are refused."""
-        model.resolver.bind(site)
-
-    def run(
-        self,
-        model: Any,
-        program: Program,
-        inputs: Sequence[Any],
-        args: Mapping[str, Any],
-        forward_kwargs: dict[str, Any],
-        schedule: str,
-    ) -> Result:
-        """Run ``program``; see :meth:`tracevene.Program.run`."""
-        resolver = model.resolver
-        calls = [to_call(model, x, forward_kwargs) for x in inputs]
-        batchable = resolver.arch is not None and can_batch(calls)
-
-        def locate(site: str):
-            b = resolver.bind(site)
-            return (b.path, b.io), b.order
-
-        plan = make_plan(program, locate, _mode(schedule, model.device), batchable)
-        env = Env(program, dict(args), model.device)
-        grad = torch.is_grad_enabled() and _needs_grad(program, args)
-        wrapper = self.wrapper(model.module)
-        frozen = _frozen(model.module, grad, program) if grad else contextlib.nullcontext()
-        output = None
-        with torch.set_grad_enabled(grad), frozen:
-            env.run_nodes(plan.prelude)
-            for p in plan.passes:
-                out = _run_pass(model, wrapper, p, [calls[r] for r in p.runs], env)
-                if 0 in p.runs:
-                    output = out
-        values = {n.id: env.values[n.id] for n in program.nodes if n.op == "save"}
-        saves = {n.target: values[n.id] for n in program.nodes if n.op == "save" and n.target}
-        return Result(saves, output, values, plan, program)
+    def run_pass(self, model: Any, p: Pass, calls: list, env: Env) -> Any:
+        """One nnsight trace over the pass's runs, visiting hook points in forward order."""
+        return _run_pass(model, self.wrapper(model.module), p, calls, env)
 
     def wrapper(self, module: nn.Module) -> _Wrapper:
         """The private nnsight envoy of ``module`` (built on first use, then cached)."""

@@ -8,21 +8,19 @@ outlives a run, whatever is raised inside it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ExecutionError
-from ..ir.program import Program
-from ..result import Result
 from ..sites.bind import first_tensor
 from .base import Backend
 from .events import PassRun, Stop
-from .inputs import batch_size, can_batch, concat, slice_output, to_call
+from .inputs import batch_size, concat, slice_output
 from .interpret import Env
-from .plan import Pass, make_plan
+from .plan import Pass
 
 ATTENTION_NAME = "tracevene_eager"
 _PATTERN_HOOKS: dict[int, Any] = {}
@@ -33,80 +31,9 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def check_site(self, model: Any, site: str) -> None:
-        """Validate ``site`` on ``model`` (binding it caches the hook point)."""
-        model.resolver.bind(site)
-
-    def run(
-        self,
-        model: Any,
-        program: Program,
-        inputs: Sequence[Any],
-        args: Mapping[str, Any],
-        forward_kwargs: dict[str, Any],
-        schedule: str,
-    ) -> Result:
-        """Run ``program``; see :meth:`tracevene.Program.run`."""
-        resolver = model.resolver
-        calls = [to_call(model, x, forward_kwargs) for x in inputs]
-        batchable = resolver.arch is not None and can_batch(calls)
-        mode = _mode(schedule, model.device)
-
-        def locate(site: str):
-            b = resolver.bind(site)
-            return (b.path, b.io), b.order
-
-        plan = make_plan(program, locate, mode, batchable)
-        env = Env(program, dict(args), model.device)
-        grad = torch.is_grad_enabled() and _needs_grad(program, args)
-        output = None
-        with torch.set_grad_enabled(grad), _frozen(model.module, grad, program):
-            env.run_nodes(plan.prelude)
-            for p in plan.passes:
-                out = _run_pass(model, p, [calls[r] for r in p.runs], env)
-                if 0 in p.runs:
-                    output = out
-        values = {n.id: env.values[n.id] for n in program.nodes if n.op == "save"}
-        saves = {n.target: values[n.id] for n in program.nodes if n.op == "save" and n.target}
-        return Result(saves, output, values, plan, program)
-
-
-def _mode(schedule: str, device: torch.device) -> str:
-    if schedule not in ("auto", "batched", "sequential"):
-        raise ValueError(
-            f"schedule={schedule!r}: choose 'auto', 'batched' (base and sources in one "
-            "forward pass where possible) or 'sequential' (one pass per run)."
-        )
-    if schedule == "auto":  # batching is free on accelerators; on CPU, early stops win
-        return "sequential" if device.type == "cpu" else "batched"
-    return schedule
-
-
-def _needs_grad(program: Program, args: Mapping[str, Any]) -> bool:
-    tensors = [*program.tensors.values(), *(a for a in args.values() if isinstance(a, Tensor))]
-    params = (p for m in program.modules.values() for p in m.parameters())
-    return any(t.requires_grad for t in tensors) or any(p.requires_grad for p in params)
-
-
-@contextlib.contextmanager
-def _frozen(module: nn.Module, active: bool, program: Program) -> Iterator[None]:
-    """Keep the model's own parameters out of the autograd graph while a program runs.
-
-    Parameters that an intervention module of the program shares with the model stay
-    trainable.
-    """
-    if not active:
-        yield
-        return
-    shared = {id(p) for m in program.modules.values() for p in m.parameters()}
-    params = [p for p in module.parameters() if p.requires_grad and id(p) not in shared]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
+    def run_pass(self, model: Any, p: Pass, calls: list, env: Env) -> Any:
+        """One forward call with hooks on the pass's hook points only."""
+        return _run_pass(model, p, calls, env)
 
 
 def _run_pass(model: Any, p: Pass, calls: list, env: Env) -> Any:

@@ -61,7 +61,7 @@ import contextlib
 import copy
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +70,6 @@ from torch import Tensor, nn
 
 from ..errors import BackendError, ExecutionError, SiteError, closest
 from ..ir.program import Program
-from ..result import Result
 from ..sites.arch import find_arch
 from ..sites.bind import Binding, Ctx
 from ..sites.vocab import Site, display, parse, vocabulary
@@ -78,8 +77,8 @@ from .base import Backend
 from .events import PassRun, Stop
 from .inputs import Call, batch_size, can_batch, concat, slice_output
 from .interpret import Env
-from .plan import Pass, make_plan
-from .torch_hooks import ATTENTION_NAME, _attention, _frozen, _install, _mode, _needs_grad
+from .plan import Pass
+from .torch_hooks import ATTENTION_NAME, _attention, _install
 
 try:
     from transformer_lens.model_bridge import TransformerBridge
@@ -180,42 +179,21 @@ class LensBackend(Backend):
         """Binds site names to the engine's hook points."""
         return LensResolver(module)
 
-    def check_site(self, model: Any, site: str) -> None:
-        """Validate ``site`` on ``model`` (binding it caches the hook point)."""
-        model.resolver.bind(site)
+    def check_program(self, model: Any, program: Program) -> None:
+        """Refuse writes to hook points this engine only lets us read."""
+        model.resolver.check_writes(program)
 
-    def run(
-        self,
-        model: Any,
-        program: Program,
-        inputs: Sequence[Any],
-        args: Mapping[str, Any],
-        forward_kwargs: dict[str, Any],
-        schedule: str,
-    ) -> Result:
-        """Run ``program``; see :meth:`tracevene.Program.run`."""
-        resolver: LensResolver = model.resolver
-        resolver.check_writes(program)
-        calls = [resolver.to_call(model, x, forward_kwargs) for x in inputs]
+    def to_call(self, model: Any, inputs: Any, forward_kwargs: dict[str, Any]) -> Call:
+        """Forward arguments of the engine (text goes through its tokenizer)."""
+        return model.resolver.to_call(model, inputs, forward_kwargs)
 
-        def locate(site: str):
-            b = resolver.bind(site)
-            return (b.path, b.io), b.order
+    def can_batch(self, model: Any, calls: list[Call]) -> bool:
+        """Runs with inputs of one shape share a pass."""
+        return can_batch(calls)
 
-        plan = make_plan(program, locate, _mode(schedule, model.device), can_batch(calls))
-        env = Env(program, dict(args), model.device)
-        grad = torch.is_grad_enabled() and _needs_grad(program, args)
-        output = None
-        frozen = _frozen(model.module, grad, program) if grad else contextlib.nullcontext()
-        with torch.set_grad_enabled(grad), frozen:  # a bridge's parameters() is slow
-            env.run_nodes(plan.prelude)
-            for p in plan.passes:
-                out = _run_pass(model, p, [calls[r] for r in p.runs], env)
-                if 0 in p.runs:
-                    output = out
-        values = {n.id: env.values[n.id] for n in program.nodes if n.op == "save"}
-        saves = {n.target: values[n.id] for n in program.nodes if n.op == "save" and n.target}
-        return Result(saves=saves, output=output, values=values, plan=plan, program=program)
+    def run_pass(self, model: Any, p: Pass, calls: list, env: Env) -> Any:
+        """One forward call inside the engine's ``hooks()`` context."""
+        return _run_pass(model, p, calls, env)
 
 
 # -- engines ---------------------------------------------------------------------------
