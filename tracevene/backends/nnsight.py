@@ -44,9 +44,9 @@ from .interpret import Env
 from .plan import Pass
 from .torch_hooks import (
     _PATTERN_HOOKS,
-    _pattern_attention,
     _replace_first,
     _tensor_kwarg,
+    pattern_attention,
 )
 
 
@@ -325,7 +325,7 @@ def _run_pass(model: Any, wrapper: _Wrapper, p: Pass, calls: list, env: Env) -> 
     locations = [wrapper.location(s.path, s.io) for s in steps]
     before = [counts.get(loc, 0) for loc in locations]
     try:
-        with _pattern_attention(model.module, bool(patterns)):
+        with pattern_attention(model.module, bool(patterns)):
             for point in patterns:
                 _PATTERN_HOOKS[id(modules[point[0]])] = lowering.pattern_hook(
                     point, modules[point[0]]

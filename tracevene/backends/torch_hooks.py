@@ -42,7 +42,7 @@ def _run_pass(model: Any, p: Pass, calls: list, env: Env) -> Any:
     handles: list[Any] = []
     modules = model.resolver.modules
     try:
-        with _pattern_attention(model.module, any(io == "pattern" for _, io in state.points)):
+        with pattern_attention(model.module, any(io == "pattern" for _, io in state.points)):
             for point in state.points:
                 handles.append(_install(state, point, modules[point[0]]))
             try:
@@ -141,20 +141,25 @@ _registered = False
 
 
 @contextlib.contextmanager
-def _pattern_attention(module: nn.Module, active: bool) -> Iterator[None]:
-    """Route attention through :func:`_attention` for the duration of one pass."""
+def pattern_attention(root: nn.Module | None, active: bool) -> Iterator[None]:
+    """Route the attention of the HF models inside ``root`` through :func:`_attention`.
+
+    Switches every Hugging Face config found on ``root``'s modules for the duration of
+    one pass, and restores them whatever happens.
+    """
     global _registered
-    if not active:
+    if not active or root is None:
         yield
         return
-    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers import AttentionInterface, AttentionMaskInterface, PretrainedConfig
     from transformers.masking_utils import eager_mask
 
     if not _registered:
         AttentionInterface.register(ATTENTION_NAME, _attention)
         AttentionMaskInterface.register(ATTENTION_NAME, eager_mask)
         _registered = True
-    configs = {id(c): c for m in module.modules() if (c := getattr(m, "config", None)) is not None}
+    found = (getattr(m, "config", None) for m in root.modules())
+    configs = {id(c): c for c in found if isinstance(c, PretrainedConfig)}
     saved = {k: c._attn_implementation for k, c in configs.items()}
     try:
         for c in configs.values():

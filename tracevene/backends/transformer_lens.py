@@ -61,7 +61,7 @@ import contextlib
 import copy
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,14 +71,14 @@ from torch import Tensor, nn
 from ..errors import BackendError, ExecutionError, SiteError, closest
 from ..ir.program import Program
 from ..sites.arch import find_arch
-from ..sites.bind import Binding, Ctx
+from ..sites.bind import Binding, Ctx, check_range
 from ..sites.vocab import Site, display, parse, vocabulary
 from .base import Backend
 from .events import PassRun, Stop
 from .inputs import Call, batch_size, can_batch, concat, slice_output
 from .interpret import Env
 from .plan import Pass
-from .torch_hooks import ATTENTION_NAME, _attention, _install
+from .torch_hooks import _install, pattern_attention
 
 try:
     from transformer_lens.model_bridge import TransformerBridge
@@ -408,7 +408,7 @@ class LensResolver:
                 "transformer_lens backend; use t.hook(name) (hook names: "
                 f"{', '.join(list(self.points)[:6])}, ...)."
             )
-        self._check_range(site, where)
+        check_range(site, where, self.n_layers, self.n_heads, self.n_kv_heads)
         key = "attn.head_out" if site.key == "attn.out" and site.head is not None else site.key
         if key == "final" and self.post_ln:
             raise SiteError(f"{where} is not available: {NO_FINAL}.")
@@ -421,21 +421,6 @@ class LensResolver:
                 return self._hook(n)
         reason = NO_HEAD if key == "logits" else f"none of its hook points ({', '.join(names)}) run"
         raise SiteError(f"{where} is not available on this {self.arch.name}: {reason}.")
-
-    def _check_range(self, site: Site, where: str) -> None:
-        if site.layer is not None and not 0 <= site.layer < self.n_layers:
-            raise SiteError(
-                f"layer {site.layer} is out of range: this model has layers "
-                f"0..{self.n_layers - 1} (negative indices count from the end)."
-            )
-        if site.head is not None:
-            n = self.n_kv_heads if site.key in ("attn.k", "attn.v") else self.n_heads
-            if not 0 <= site.head < n:
-                what = "key/value heads" if n != self.n_heads else "heads"
-                raise SiteError(
-                    f"head {site.head} is out of range for {where}: layer {site.layer} has "
-                    f"{what} 0..{n - 1}."
-                )
 
     def _parallel(self) -> bool:
         """Whether attention and MLP both read resid_pre (no resid_mid exists)."""
@@ -699,7 +684,7 @@ def _run_pass(model: Any, p: Pass, calls: list[Call], env: Env) -> Any:
             handles.append(resolver.hf_module.register_forward_hook(capture))
         eager = any(io == "pattern" for _, io in state.points)
         try:
-            with _eager_attention(resolver.hf_root, eager):
+            with pattern_attention(resolver.hf_root, eager):
                 with resolver.engine.hooks(fwd_hooks=fwd_hooks):
                     logits = resolver.engine(*args, **kwargs)
         except Stop:
@@ -713,32 +698,6 @@ def _run_pass(model: Any, p: Pass, calls: list[Call], env: Env) -> Any:
     if 0 in p.runs and len(p.runs) > 1:
         output = slice_output(output, state.rows[0])
     return output
-
-
-@contextlib.contextmanager
-def _eager_attention(root: nn.Module | None, active: bool) -> Iterator[None]:
-    """Route the HF model's attention through the torch backend's eager function.
-
-    Only the Hugging Face configs inside the bridge are switched (and restored).
-    """
-    if not active or root is None:
-        yield
-        return
-    from transformers import AttentionInterface, AttentionMaskInterface, PretrainedConfig
-    from transformers.masking_utils import eager_mask
-
-    AttentionInterface.register(ATTENTION_NAME, _attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, eager_mask)
-    found = (getattr(m, "config", None) for m in root.modules())
-    configs = {id(c): c for c in found if isinstance(c, PretrainedConfig)}
-    saved = {k: c._attn_implementation for k, c in configs.items()}
-    try:
-        for c in configs.values():
-            c._attn_implementation = ATTENTION_NAME
-        yield
-    finally:
-        for k, c in configs.items():
-            c._attn_implementation = saved[k]
 
 
 def _lens_hook(state: PassRun, point: tuple[str, str]) -> Callable:

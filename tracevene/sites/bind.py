@@ -224,19 +224,7 @@ class Resolver:
                 "only module sites exist: use t.module('path').output (paths: "
                 f"{', '.join(closest('', [n for n in self.modules if n], 6))}, ...)."
             )
-        if site.layer is not None and not 0 <= site.layer < self.n_layers:
-            raise SiteError(
-                f"layer {site.layer} is out of range: this model has layers "
-                f"0..{self.n_layers - 1} (negative indices count from the end)."
-            )
-        if site.head is not None:
-            n = self.n_kv_heads if site.key in ("attn.k", "attn.v") else self.n_heads
-            if not 0 <= site.head < n:
-                what = "key/value heads" if n != self.n_heads else "heads"
-                raise SiteError(
-                    f"head {site.head} is out of range for {display(name)}: layer "
-                    f"{site.layer} has {what} 0..{n - 1}."
-                )
+        check_range(site, display(name), self.n_layers, self.n_heads, self.n_kv_heads)
         key = "attn.head_out" if site.key == "attn.out" and site.head is not None else site.key
         if key in self.arch.unsupported:
             raise SiteError(f"{display(name)} is not available: {self.arch.unsupported[key]}.")
@@ -322,6 +310,23 @@ class Resolver:
         if site.head is not None:
             view = _select_head(view, HEAD_DIM[site.key], site.head)
         return view
+
+
+def check_range(site: Site, where: str, n_layers: int, n_heads: int, n_kv_heads: int) -> None:
+    """Raise a :class:`SiteError` saying the range if a layer or head index is outside it."""
+    if site.layer is not None and not 0 <= site.layer < n_layers:
+        raise SiteError(
+            f"layer {site.layer} is out of range: this model has layers "
+            f"0..{n_layers - 1} (negative indices count from the end)."
+        )
+    if site.head is not None:
+        n = n_kv_heads if site.key in ("attn.k", "attn.v") else n_heads
+        if not 0 <= site.head < n:
+            what = "key/value heads" if n != n_heads else "heads"
+            raise SiteError(
+                f"head {site.head} is out of range for {where}: layer {site.layer} has "
+                f"{what} 0..{n - 1}."
+            )
 
 
 def first_tensor(x: Any) -> Tensor:
