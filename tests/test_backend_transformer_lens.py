@@ -715,3 +715,11 @@ def test_engine_module_is_not_importable_without_transformer_lens(monkeypatch):
     monkeypatch.delitem(sys.modules, "tracevene.backends.transformer_lens", raising=False)
     with pytest.raises(iv.BackendError, match=r"tracevene\[transformer-lens\]"):
         importlib.import_module("tracevene.backends.transformer_lens")
+
+
+def test_to_backend_from_a_bridge_over_an_hf_model_keeps_the_site_table():
+    hf = models.gpt2()
+    lens = iv.wrap(hf, backend="transformer_lens")
+    back = lens.to_backend("torch")
+    assert back.module is hf
+    assert back.sites() == iv.wrap(hf, backend="torch").sites()

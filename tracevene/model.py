@@ -23,6 +23,7 @@ class Model:
     """
 
     def __init__(self, module: nn.Module, backend: Backend, tokenizer: Any = None):
+        self.wrapped = module  # the caller's module: to_backend starts again from it
         self.module = backend.prepare(module)
         self.backend = backend
         self.tokenizer = tokenizer
@@ -52,8 +53,8 @@ class Model:
         self.backend.check_site(self, site)
 
     def to_backend(self, name: str) -> Model:
-        """The same weights under another backend."""
-        return Model(self.module, get_backend(name), self.tokenizer)
+        """The same weights under another backend (wrapping the caller's module anew)."""
+        return Model(self.wrapped, get_backend(name), self.tokenizer)
 
     @property
     def device(self) -> torch.device:
