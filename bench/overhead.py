@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -52,84 +51,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-
 import torch  # noqa: E402
-import transformers  # noqa: E402
+from common import (
+    FULL,
+    QUICK,
+    build_model,
+    first,
+    iv,
+    machine,
+    record_interchange,
+    record_save_only,
+    with_first,
+)
 from torch import nn  # noqa: E402
-
-import tracevene as iv  # noqa: E402
-
-DEFAULT_THREADS = torch.get_num_threads()
-FULL = dict(n_layer=12, n_embd=768, n_head=12, vocab=50257, batch=8, seq=32)
-QUICK = dict(n_layer=4, n_embd=64, n_head=4, vocab=1000, batch=2, seq=8)
 
 SAVE_MAX_RATIO = 1.05  # save-only program: at most 5% slower than a plain forward
 INTERCHANGE_MIN_SPEEDUP = 1.25  # interchange program vs the same by hand
-
-
-# -- the machine ---------------------------------------------------------------------
-def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "default_threads": torch.get_num_threads() == DEFAULT_THREADS,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average_at_start": list(load) if load else None,
-    }
-
-
-# -- the model and the programs ------------------------------------------------------
-def build_model(size: dict[str, int], device: str) -> nn.Module:
-    """A random GPT-2 in eval mode, float32 (seeded)."""
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=size["n_layer"], n_embd=size["n_embd"], n_head=size["n_head"],
-        vocab_size=size["vocab"], n_positions=max(1024, size["seq"]),
-        bos_token_id=size["vocab"] - 1, eos_token_id=size["vocab"] - 1,
-    )  # fmt: skip
-    return transformers.GPT2LMHeadModel(config).eval().to(device=device, dtype=torch.float32)
-
-
-def record_save_only(model: iv.Model, layer: int) -> iv.Program:
-    """Save the residual stream after ``layer`` and the logits."""
-    with iv.trace(model) as t:
-        t.layer[layer].resid_post.save("resid")
-        t.logits.save("logits")
-    return t.program
-
-
-def record_interchange(model: iv.Model, layer: int) -> iv.Program:
-    """Base's residual stream after ``layer`` replaced by the source's (all positions)."""
-    with iv.trace(model) as t:
-        src = t.source()
-        t.layer[layer].resid_post = src.layer[layer].resid_post
-        t.logits.save("logits")
-    return t.program
-
-
-def _first(output: Any) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output[0]
-
-
-def _with_first(output: Any, new: torch.Tensor) -> Any:
-    return new if isinstance(output, torch.Tensor) else (new, *output[1:])
 
 
 def interchange_by_hand(
@@ -139,10 +76,10 @@ def interchange_by_hand(
     kept: list[torch.Tensor] = []
 
     def keep(module: nn.Module, args: Any, output: Any) -> None:
-        kept.append(_first(output))
+        kept.append(first(output))
 
     def replace(module: nn.Module, args: Any, output: Any) -> Any:
-        return _with_first(output, kept[0])
+        return with_first(output, kept[0])
 
     with torch.no_grad():
         handle = block.register_forward_hook(keep)
@@ -240,7 +177,7 @@ def run(quick: bool, repeats: int, warmup: int, record_repeats: int, device: str
 
     # Sanity: the variants compute the same numbers (and tell us the plans).
     kept: list[torch.Tensor] = []
-    handle = block.register_forward_hook(lambda m, a, o: kept.append(_first(o)))
+    handle = block.register_forward_hook(lambda m, a, o: kept.append(first(o)))
     try:
         plain_logits = plain().logits
     finally:
