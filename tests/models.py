@@ -6,10 +6,13 @@ Every factory is seeded so that two calls give the same weights.
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 import transformers
 from torch import nn
+
+from tracevene.errors import SiteError
 
 VOCAB = 97
 
@@ -116,3 +119,41 @@ def tokens(batch: int = 2, pos: int = 6, seed: int = 1) -> torch.Tensor:
     """Random token ids ``[batch, pos]`` for the tiny decoders."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1, VOCAB, (batch, pos), generator=g)
+
+
+# -- site helpers shared by the backend test modules ----------------------------------
+def arch_tokens(arch: str, seed: int, batch: int = 2, pos: int = 6) -> torch.Tensor:
+    """Token ids for a model of tests.models: MiniLM gets ordinary WordPiece ids."""
+    if arch == "minilm":
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(1000, 5000, (batch, pos), generator=g)
+    return tokens(batch, pos, seed=seed)
+
+
+def site(run, name: str):
+    """``site(t, "layer[1].attn.head[2].z")`` is ``t.layer[1].attn.head[2].z``."""
+    x = run
+    for attr, index in re.findall(r"(\w+)(?:\[(-?\d+)\])?", name):
+        x = getattr(x, attr)
+        if index:
+            x = x[int(index)]
+    return x
+
+
+def full_name(kind: str) -> str:
+    """A site kind (``attn.q``) placed at layer 1, or a top-level site as is."""
+    return kind if kind in ("embed", "final", "logits") else f"layer[1].{kind}"
+
+
+def internal(name: str) -> str:
+    """``layer[1].attn.head[2].z`` -> ``layer.1.attn.head.2.z`` (the resolver's form)."""
+    return name.replace("[", ".").replace("]", "")
+
+
+def available(model, name: str) -> bool:
+    """Whether the wrapped ``model`` offers site ``name``."""
+    try:
+        model.check_site(internal(name))
+    except SiteError:
+        return False
+    return True

@@ -10,13 +10,13 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
-import re
 import sys
 
 import models
 import pytest
 import torch
 import torch.nn.modules.module as torch_module
+from models import available, full_name, site
 from nnsight.intervention.source import STATE
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
@@ -51,37 +51,7 @@ def hf(arch: str) -> nn.Module:
 
 
 def tokens(arch: str, seed: int) -> torch.Tensor:
-    if arch == "minilm":  # ordinary WordPiece ids of MiniLM's vocabulary
-        g = torch.Generator().manual_seed(seed)
-        return torch.randint(1000, 5000, (B, P), generator=g)
-    return models.tokens(B, P, seed=seed)
-
-
-def site(run, name: str):
-    """``site(t, "layer[1].attn.head[2].z")`` is ``t.layer[1].attn.head[2].z``."""
-    x = run
-    for attr, index in re.findall(r"(\w+)(?:\[(-?\d+)\])?", name):
-        x = getattr(x, attr)
-        if index:
-            x = x[int(index)]
-    return x
-
-
-def full_name(kind: str) -> str:
-    return kind if kind in ("embed", "final", "logits") else f"layer[1].{kind}"
-
-
-def internal(name: str) -> str:
-    """``layer[1].attn.head[2].z`` -> ``layer.1.attn.head.2.z`` (the resolver's form)."""
-    return name.replace("[", ".").replace("]", "")
-
-
-def available(model: iv.Model, name: str) -> bool:
-    try:
-        model.check_site(internal(name))
-    except iv.SiteError:
-        return False
-    return True
+    return models.arch_tokens(arch, seed, B, P)
 
 
 def run_both(arch_or_module, record, n_sources: int, schedule: str, **args):

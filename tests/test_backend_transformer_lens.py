@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import models
 import pytest
 import torch
+from models import available, full_name, internal, site
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
@@ -102,36 +102,7 @@ def engine(name: str) -> iv.Model:
 
 
 def tokens(arch: str, seed: int) -> torch.Tensor:
-    if arch == "minilm":  # ordinary WordPiece ids of MiniLM's vocabulary
-        g = torch.Generator().manual_seed(seed)
-        return torch.randint(1000, 5000, (B, P), generator=g)
-    return models.tokens(B, P, seed=seed)
-
-
-def site(run, name: str):
-    """``site(t, "layer[1].attn.head[2].z")`` is ``t.layer[1].attn.head[2].z``."""
-    x = run
-    for attr, index in re.findall(r"(\w+)(?:\[(-?\d+)\])?", name):
-        x = getattr(x, attr)
-        if index:
-            x = x[int(index)]
-    return x
-
-
-def full_name(kind: str) -> str:
-    return kind if kind in ("embed", "final", "logits") else f"layer[1].{kind}"
-
-
-def internal(name: str) -> str:
-    return name.replace("[", ".").replace("]", "")
-
-
-def available(model: iv.Model, name: str) -> bool:
-    try:
-        model.check_site(internal(name))
-    except iv.SiteError:
-        return False
-    return True
+    return models.arch_tokens(arch, seed, B, P)
 
 
 def run_both(name: str, record, n_sources: int, schedule: str):
