@@ -206,8 +206,3 @@ def check_method(name: str, error: type[Exception] = TraceError) -> str:
     if name not in _TENSOR_ATTRS or not callable(getattr(torch.Tensor, name, None)):
         raise error(f"{name!r} is not a tensor method.")
     return name
-
-
-def finite(x: float) -> bool:
-    """Whether a float can be stored as a plain JSON number."""
-    return math.isfinite(x)

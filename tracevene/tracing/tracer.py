@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..errors import ScheduleError, SiteError, TraceError
+from ..errors import SiteError, TraceError
 from ..ir.nodes import Node, Ref
 from ..ir.program import Program
 from ..sites.vocab import check_child
@@ -443,4 +443,4 @@ class trace:  # noqa: N801 - used as a function: iv.trace(model, ...)
         tracer.result = result
 
 
-__all__ = ["trace", "Run", "Value", "Saved", "ScheduleError"]
+__all__ = ["trace", "Run", "Value", "Saved"]
