@@ -71,8 +71,8 @@ from torch import Tensor, nn
 from ..errors import BackendError, ExecutionError, SiteError, closest
 from ..ir.program import Program
 from ..sites.arch import find_arch
-from ..sites.bind import Binding, Ctx, check_range
-from ..sites.vocab import Site, display, parse, vocabulary
+from ..sites.bind import Binding, Ctx, check_range, offered
+from ..sites.vocab import Site, display, parse
 from .base import Backend
 from .events import PassRun, Stop
 from .inputs import Call, batch_size, can_batch, concat, slice_output
@@ -314,16 +314,7 @@ class LensResolver:
     # -- names ---------------------------------------------------------------------
     def sites(self) -> list[str]:
         """Vocabulary sites this model offers, in forward order (``{h}``: any head)."""
-        if not self.vocab:
-            return []
-        out = []
-        for name in vocabulary(self.n_layers):
-            try:
-                self.check(name.replace("{h}", "0"))
-            except SiteError:
-                continue
-            out.append(display(name))
-        return out
+        return offered(self.check, self.n_layers) if self.vocab else []
 
     def check(self, name: str) -> Site:
         """Parse and validate a site name for this model.

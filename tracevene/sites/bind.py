@@ -187,20 +187,7 @@ class Resolver:
     # -- names ---------------------------------------------------------------
     def sites(self) -> list[str]:
         """Vocabulary sites this model offers, in forward order (``{h}``: any head)."""
-        if self.arch is None:
-            return []
-        keys = set(self.arch.sites) | {"attn.head"}
-        out = []
-        for name in vocabulary(self.n_layers):
-            s = parse(name.replace("{h}", "0"))
-            key = "attn.head" if s.head is not None else s.key
-            if key in keys:
-                try:
-                    self.check(name.replace("{h}", "0"))
-                except SiteError:
-                    continue
-                out.append(display(name))
-        return out
+        return [] if self.arch is None else offered(self.check, self.n_layers)
 
     def check(self, name: str) -> Site:
         """Parse and validate a site name for this model (without binding hooks).
@@ -310,6 +297,18 @@ class Resolver:
         if site.head is not None:
             view = _select_head(view, HEAD_DIM[site.key], site.head)
         return view
+
+
+def offered(check: Callable[[str], Any], n_layers: int) -> list[str]:
+    """The vocabulary sites ``check`` accepts, in forward order, in DSL form."""
+    out = []
+    for name in vocabulary(n_layers):
+        try:
+            check(name.replace("{h}", "0"))
+        except SiteError:
+            continue
+        out.append(display(name))
+    return out
 
 
 def check_range(site: Site, where: str, n_layers: int, n_heads: int, n_kv_heads: int) -> None:
