@@ -11,6 +11,7 @@ import re
 import torch
 import transformers
 from torch import nn
+from torch.nn.utils.parametrizations import orthogonal
 
 from tracevene.errors import SiteError
 
@@ -157,3 +158,17 @@ def available(model, name: str) -> bool:
     except SiteError:
         return False
     return True
+
+
+class Rotate(nn.Module):
+    """A tiny DAS-style interchange: rotate, take the first k dims from the source."""
+
+    def __init__(self, d: int, k: int):
+        super().__init__()
+        self.rot = orthogonal(nn.Linear(d, d, bias=False))
+        self.k = k
+
+    def forward(self, base, source):
+        r = self.rot.weight
+        rb, rs = base @ r, source @ r
+        return torch.cat([rs[..., : self.k], rb[..., self.k :]], dim=-1) @ r.T

@@ -16,10 +16,9 @@ import models
 import pytest
 import torch
 import torch.nn.modules.module as torch_module
-from models import available, full_name, site
+from models import Rotate, available, full_name, site
 from nnsight.intervention.source import STATE
 from torch import nn
-from torch.nn.utils.parametrizations import orthogonal
 
 import tracevene as iv
 from tracevene.backends import torch_hooks
@@ -342,20 +341,6 @@ def test_a_source_only_pass_stops_early():
 
 
 # -- gradients ---------------------------------------------------------------------------
-class Rotate(nn.Module):
-    """A tiny DAS-style interchange: rotate, take the first k dims from the source."""
-
-    def __init__(self, d: int, k: int):
-        super().__init__()
-        self.rot = orthogonal(nn.Linear(d, d, bias=False))
-        self.k = k
-
-    def forward(self, base, source):
-        r = self.rot.weight
-        rb, rs = base @ r, source @ r
-        return torch.cat([rs[..., : self.k], rb[..., self.k :]], dim=-1) @ r.T
-
-
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gradients_match_the_torch_backend(arch, schedule):

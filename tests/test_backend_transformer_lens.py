@@ -23,9 +23,8 @@ from pathlib import Path
 import models
 import pytest
 import torch
-from models import available, full_name, internal, site
+from models import Rotate, available, full_name, internal, site
 from torch import nn
-from torch.nn.utils.parametrizations import orthogonal
 
 import tracevene as iv
 from tracevene.backends import torch_hooks
@@ -505,20 +504,6 @@ def test_missing_transformer_lens_names_the_extra(monkeypatch):
 
 
 # -- gradients -------------------------------------------------------------------------------
-class Rotate(nn.Module):
-    """A tiny trainable rotation (DAS-style interchange of the first k rotated dims)."""
-
-    def __init__(self, d: int, k: int):
-        super().__init__()
-        self.rot = orthogonal(nn.Linear(d, d, bias=False))
-        self.k = k
-
-    def forward(self, base, source):
-        r = self.rot.weight
-        rb, rs = base @ r, source @ r
-        return torch.cat([rs[..., : self.k], rb[..., self.k :]], dim=-1) @ r.T
-
-
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("arch", ["gpt2", "llama", pytest.param("hooked", marks=needs_hooked)])
 def test_gradients_match_the_torch_backend(arch, schedule):

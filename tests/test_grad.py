@@ -13,8 +13,8 @@ import copy
 import models
 import pytest
 import torch
+from models import Rotate
 from torch import nn
-from torch.nn.utils.parametrizations import orthogonal
 
 import tracevene as iv
 
@@ -23,21 +23,6 @@ B, P, D = 2, 6, 32
 
 def close(a, b):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-class Rotate(nn.Module):
-    """A tiny DAS-style interchange: rotate, take the first k dims from the source."""
-
-    def __init__(self, d: int, k: int):
-        super().__init__()
-        self.rot = orthogonal(nn.Linear(d, d, bias=False))
-        self.k = k
-
-    def forward(self, base, source):
-        r = self.rot.weight
-        rb, rs = base @ r, source @ r
-        mixed = torch.cat([rs[..., : self.k], rb[..., self.k :]], dim=-1)
-        return mixed @ r.T
 
 
 @pytest.fixture
