@@ -55,7 +55,6 @@ import json
 import os
 import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -63,10 +62,12 @@ from typing import Any
 
 import torch  # noqa: E402
 from common import (
+    CLOCKS,
     FULL,
     QUICK,
     build_model,
     first,
+    interleaved,
     iv,
     machine,
     record_interchange,
@@ -211,32 +212,6 @@ def pyvene_interchange(pvm: Any, base: torch.Tensor, source: torch.Tensor) -> to
 
 
 # -- timing --------------------------------------------------------------------------
-CLOCKS = ("wall", "cpu")  # time.perf_counter, time.process_time (all threads of this process)
-
-
-def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def interleaved(
-    variants: dict[str, Callable[[], Any]], repeats: int, warmup: int
-) -> dict[str, dict[str, list[float]]]:
-    """Seconds per call of each variant, by clock; the order rotates every repeat."""
-    names = list(variants)
-    for _ in range(warmup):
-        for name in names:
-            variants[name]()
-    samples: dict[str, dict[str, list[float]]] = {c: {n: [] for n in names} for c in CLOCKS}
-    for i in range(repeats):
-        k = i % len(names)
-        for name in names[k:] + names[:k]:
-            for clock, seconds in zip(CLOCKS, _timed(variants[name]), strict=True):
-                samples[clock][name].append(seconds)
-    return samples
-
-
 # -- the benchmark -------------------------------------------------------------------
 def run(quick: bool, repeats: int, warmup: int) -> dict:
     """Measure everything; returns the figures (as written by ``--json``)."""
@@ -302,7 +277,7 @@ def run(quick: bool, repeats: int, warmup: int) -> dict:
     }
     del out
 
-    samples = interleaved(variants, repeats, warmup)
+    samples = interleaved(variants, repeats, warmup, "cpu")
     info["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return {
         "config": {

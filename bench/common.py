@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -97,3 +99,36 @@ def with_first(output: Any, new: torch.Tensor) -> Any:
     return new if isinstance(output, torch.Tensor) else (new, *output[1:])
 
 
+# -- timing ----------------------------------------------------------------------------
+CLOCKS = ("wall", "cpu")  # time.perf_counter, time.process_time (all threads of this process)
+
+
+def timer(device: str) -> Callable[[Callable[[], Any]], tuple[float, float]]:
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def timed(fn: Callable[[], Any]) -> tuple[float, float]:
+        sync()
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn()
+        sync()
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+    return timed
+
+
+def interleaved(
+    variants: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: str
+) -> dict[str, dict[str, list[float]]]:
+    """Seconds per call of each variant, by clock; the order rotates every repeat."""
+    timed = timer(device)
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    samples: dict[str, dict[str, list[float]]] = {c: {n: [] for n in names} for c in CLOCKS}
+    for i in range(repeats):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            for clock, seconds in zip(CLOCKS, timed(variants[name]), strict=True):
+                samples[clock][name].append(seconds)
+    return samples

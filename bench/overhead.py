@@ -46,21 +46,23 @@ import json
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch  # noqa: E402
 from common import (
+    CLOCKS,
     FULL,
     QUICK,
     build_model,
     first,
+    interleaved,
     iv,
     machine,
     record_interchange,
     record_save_only,
+    timer,
     with_first,
 )
 from torch import nn  # noqa: E402
@@ -95,40 +97,6 @@ def interchange_by_hand(
 
 
 # -- timing --------------------------------------------------------------------------
-CLOCKS = ("wall", "cpu")  # time.perf_counter, time.process_time (all threads of this process)
-
-
-def _timer(device: str) -> Callable[[Callable[[], Any]], tuple[float, float]]:
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-
-    def timed(fn: Callable[[], Any]) -> tuple[float, float]:
-        sync()
-        wall, cpu = time.perf_counter(), time.process_time()
-        fn()
-        sync()
-        return time.perf_counter() - wall, time.process_time() - cpu
-
-    return timed
-
-
-def interleaved(
-    variants: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: str
-) -> dict[str, dict[str, list[float]]]:
-    """Seconds per call of each variant, by clock; the order rotates every repeat."""
-    timed = _timer(device)
-    names = list(variants)
-    for _ in range(warmup):
-        for name in names:
-            variants[name]()
-    samples: dict[str, dict[str, list[float]]] = {c: {n: [] for n in names} for c in CLOCKS}
-    for i in range(repeats):
-        k = i % len(names)
-        for name in names[k:] + names[:k]:
-            for clock, seconds in zip(CLOCKS, timed(variants[name]), strict=True):
-                samples[clock][name].append(seconds)
-    return samples
-
-
 def check_outputs(
     plain: torch.Tensor, save_only: Any, by_hand: torch.Tensor, program: torch.Tensor,
     batched: torch.Tensor, resid: torch.Tensor,
@@ -190,7 +158,7 @@ def run(quick: bool, repeats: int, warmup: int, record_repeats: int, device: str
     )  # fmt: skip
 
     samples = interleaved(variants, repeats, warmup, device)
-    timed = _timer(device)
+    timed = timer(device)
     for _ in range(record_repeats):
         for clock, seconds in zip(
             CLOCKS, timed(lambda: record_interchange(model, layer)), strict=True
