@@ -30,7 +30,18 @@ from .errors import (
 from .errors import (
     TraceveneError as TraceveneError,
 )
+from .interventions.base import Intervention as Intervention
 from .interventions.registry import register as register
+from .interventions.rotations import BoundlessRotatedSpace as BoundlessRotatedSpace
+from .interventions.rotations import LowRankRotatedSpace as LowRankRotatedSpace
+from .interventions.rotations import RotatedSpace as RotatedSpace
+from .interventions.rotations import SigmoidMask as SigmoidMask
+from .interventions.static import Add as Add
+from .interventions.static import Interchange as Interchange
+from .interventions.static import MeanAblate as MeanAblate
+from .interventions.static import Noise as Noise
+from .interventions.static import Scale as Scale
+from .interventions.static import Zero as Zero
 from .ir.program import Program as Program
 from .model import Model as Model
 from .model import load as load

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.parametrize import cached
 
 from ..errors import BackendError, closest
 from ..ir.program import Program
@@ -90,7 +91,8 @@ class Backend(ABC):
         env = Env(program, dict(args), model.device)
         grad = torch.is_grad_enabled() and needs_grad(program, args)
         output = None
-        with torch.set_grad_enabled(grad), frozen(model.module, grad, program):
+        # cached(): a rotation shared by many sites is materialised once per run
+        with torch.set_grad_enabled(grad), frozen(model.module, grad, program), cached():
             env.run_nodes(plan.prelude)
             for p in plan.passes:
                 out = self.run_pass(model, p, [calls[r] for r in p.runs], env)

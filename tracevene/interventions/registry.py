@@ -62,11 +62,26 @@ def register(name: str | None = None) -> Callable[[M], M]:
                     "from_spec(spec) is a classmethod that rebuilds the module)."
                 )
         key = name or cls.__name__
+        _check_free(key, cls)
         _REGISTRY[key] = (cls, lambda m: m.spec(), cls.from_spec)
         cls._tracevene_name = key
         return cls
 
     return deco
+
+
+def _check_free(key: str, cls: type) -> None:
+    """Refuse to shadow another class's name (redefining the same class is fine)."""
+    old = _REGISTRY.get(key, (None,))[0]
+    same = old is not None and (old.__module__, old.__qualname__) == (
+        cls.__module__, cls.__qualname__
+    )
+    if old is not None and not same:
+        raise RegistryError(
+            f"the intervention name {key!r} is already taken by "
+            f"{old.__module__}.{old.__qualname__}; give {cls.__qualname__} another name: "
+            f"class {cls.__name__}(iv.Intervention, name='...') or @iv.register('...')."
+        )
 
 
 def register_external(
