@@ -77,6 +77,7 @@ class Intervention(nn.Module):
         return cls(**{k: _decode(v) for k, v in spec.items()})
 
     def extra_repr(self) -> str:
+        """The constructor arguments, as ``repr`` shows them."""
         return ", ".join(f"{k}={_short(v)}" for k, v in getattr(self, "_spec_args", {}).items())
 
 

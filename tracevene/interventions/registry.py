@@ -74,7 +74,8 @@ def _check_free(key: str, cls: type) -> None:
     """Refuse to shadow another class's name (redefining the same class is fine)."""
     old = _REGISTRY.get(key, (None,))[0]
     same = old is not None and (old.__module__, old.__qualname__) == (
-        cls.__module__, cls.__qualname__
+        cls.__module__,
+        cls.__qualname__,
     )
     if old is not None and not same:
         raise RegistryError(

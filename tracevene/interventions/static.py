@@ -23,6 +23,7 @@ class Zero(Intervention):
     """
 
     def forward(self, base: Tensor, source: Tensor | None = None) -> Tensor:
+        """Zeros shaped like ``base``."""
         return torch.zeros_like(base)
 
 
@@ -39,6 +40,7 @@ class MeanAblate(Intervention):
         self.register_buffer("mean", torch.as_tensor(mean).detach().clone())
 
     def forward(self, base: Tensor, source: Tensor | None = None) -> Tensor:
+        """The mean, broadcast to ``base``'s shape."""
         return self.mean.to(base.dtype).expand_as(base)
 
 
@@ -56,6 +58,7 @@ class Add(Intervention):
         self.scale = float(scale)
 
     def forward(self, base: Tensor, source: Tensor | None = None) -> Tensor:
+        """``base + scale * vector``."""
         return base + self.scale * self.vector.to(base.dtype)
 
 
@@ -67,6 +70,7 @@ class Scale(Intervention):
         self.factor = float(factor)
 
     def forward(self, base: Tensor, source: Tensor | None = None) -> Tensor:
+        """``base * factor``."""
         return base * self.factor
 
 
@@ -86,6 +90,7 @@ class Noise(Intervention):
         self.std, self.seed = float(std), int(seed)
 
     def forward(self, base: Tensor, source: Tensor | None = None) -> Tensor:
+        """``base`` plus seeded noise of its shape."""
         gen = torch.Generator().manual_seed(self.seed)
         noise = torch.randn(base.shape, generator=gen, dtype=torch.float32)
         return base + (self.std * noise).to(base.device, base.dtype)
@@ -129,6 +134,7 @@ class Interchange(Intervention):
         source: Float[Tensor, "... d"] | None = None,
         variable: str | None = None,
     ) -> Float[Tensor, "... d"]:
+        """The source's values on the subspace (or ``variable``), elsewhere ``base``'s."""
         source = need_source(self, source)
         index = _pick(self, self.subspace, self.variables, variable)
         if index is None:
