@@ -79,3 +79,12 @@ def test_wrap_picks_nnsight_when_installed_else_torch(monkeypatch):
     assert iv.wrap(models.gpt2()).backend.name == expected
     monkeypatch.setattr(tracevene.model.importlib.util, "find_spec", lambda name: None)
     assert iv.wrap(models.gpt2()).backend.name == "torch"
+
+
+def test_wrap_does_not_warn_about_training_mode_without_dropout():
+    import warnings
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        iv.wrap(net)

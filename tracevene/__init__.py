@@ -1,5 +1,6 @@
 """tracevene: interventions on PyTorch models, recorded as programs, run on any backend."""
 
+from . import metrics as metrics
 from .errors import (
     BackendError as BackendError,
 )
@@ -30,6 +31,7 @@ from .errors import (
 from .errors import (
     TraceveneError as TraceveneError,
 )
+from .generation import generate as generate
 from .interventions.base import Intervention as Intervention
 from .interventions.registry import register as register
 from .interventions.rotations import BoundlessRotatedSpace as BoundlessRotatedSpace
@@ -48,5 +50,7 @@ from .model import load as load
 from .model import wrap as wrap
 from .result import Result as Result
 from .tracing.tracer import trace as trace
+from .training import evaluate as evaluate
+from .training import train as train
 
 __version__ = "0.1.0"

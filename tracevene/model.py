@@ -84,7 +84,7 @@ def wrap(model: nn.Module | Model, backend: str | None = None, tokenizer: Any = 
         return model if backend in (None, model.backend.name) else model.to_backend(backend)
     if not isinstance(model, nn.Module):
         raise TypeError(f"iv.wrap expects a torch nn.Module, got {type(model).__name__}")
-    if model.training:
+    if model.training and _has_dropout(model):
         warnings.warn(
             f"{type(model).__name__} is in training mode, so dropout makes every run random; "
             "call model.eval() before wrapping unless you mean it.",
@@ -146,3 +146,8 @@ _TOKENIZER_FILES = "*token*"  # tokenizer.json, tokenizer_config.json, special_t
 
 
 _CAUSAL_TYPES = {"gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gemma"}
+
+
+def _has_dropout(module: nn.Module) -> bool:
+    """Whether training mode would make runs random (dropout-like modules with p > 0)."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules())

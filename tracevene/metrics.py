@@ -1,0 +1,84 @@
+"""Metrics for intervention experiments: IIA, logit difference, KL, and the DAS loss.
+
+Each takes logits (a tensor, a model output with ``.logits``, or a
+:class:`tracevene.Result`) and returns one value per example, so that
+:func:`tracevene.evaluate` can average them over a dataset.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+Position = int | Int[Tensor, " batch"] | None
+
+
+def logits_of(x: Any) -> Tensor:
+    """The logits in ``x``: a tensor, an output with ``.logits``, or a result's output."""
+    out = getattr(x, "output", x) if not isinstance(x, Tensor) else x
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        logits = out[0]
+    if not isinstance(logits, Tensor):
+        raise TypeError(
+            f"cannot find logits in a {type(out).__name__}: pass a tensor, a model output "
+            "with .logits, or a tracevene Result whose output is one of those."
+        )
+    return logits
+
+
+def at_position(logits: Tensor, position: Position = -1) -> Float[Tensor, "batch vocab"]:
+    """Logits at one position per example (``None``: the logits have no position axis)."""
+    if position is None or logits.dim() == 2:
+        return logits
+    if isinstance(position, Tensor):
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        return logits[rows, position.to(logits.device)]
+    return logits[:, position]
+
+
+def iia(x: Any, labels: Tensor, position: Position = -1) -> Float[Tensor, " batch"]:
+    """Interchange-intervention accuracy: 1.0 where the argmax is the counterfactual label.
+
+    Args:
+        x: Logits ``[batch, pos, vocab]`` or ``[batch, classes]``, an output or a result.
+        labels: Counterfactual labels ``[batch]`` (what the high-level model predicts
+            under the same intervention).
+        position: The position read (default: the last; a tensor gives one per example).
+    """
+    pred = at_position(logits_of(x), position).argmax(-1)
+    return (pred == labels.to(pred.device)).float()
+
+
+def logit_diff(
+    x: Any, correct: Tensor, wrong: Tensor, position: Position = -1
+) -> Float[Tensor, " batch"]:
+    """``logit[correct] - logit[wrong]`` per example (e.g. IO minus S in IOI)."""
+    logits = at_position(logits_of(x), position)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits[rows, correct.to(logits.device)] - logits[rows, wrong.to(logits.device)]
+
+
+def kl_to_counterfactual(x: Any, counterfactual: Any, position: Position = -1) -> Tensor:
+    """``KL(p_counterfactual || p_intervened)`` per example, in nats.
+
+    Args:
+        x: The intervened run's logits (or output / result).
+        counterfactual: Logits of the counterfactual run (e.g. the model on the source).
+        position: The position compared (default: the last).
+    """
+    log_p = F.log_softmax(at_position(logits_of(x), position).float(), -1)
+    log_q = F.log_softmax(at_position(logits_of(counterfactual), position).float(), -1)
+    return (log_q.exp() * (log_q - log_p)).sum(-1)
+
+
+def cross_entropy(x: Any, labels: Tensor, position: Position = -1) -> Float[Tensor, " batch"]:
+    """Cross-entropy of the counterfactual labels, per example (the DAS training loss)."""
+    logits = at_position(logits_of(x), position).float()
+    return F.cross_entropy(logits, labels.to(logits.device), reduction="none")
