@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import metrics
+from .backends.cache import SourceCache
 from .ir.program import Program
 from .model import Model, as_model
 from .result import Result
@@ -78,6 +79,7 @@ def train(
     progress: bool = True,
     schedule: str = "auto",
     forward_kwargs: Mapping[str, Any] | None = None,
+    cache_sources: bool | None = None,
 ) -> History:
     """Train the parameters of a program's intervention modules (and nothing else).
 
@@ -109,6 +111,11 @@ def train(
         progress: Show a progress bar with the loss (and the metric).
         schedule: How runs are scheduled (see :meth:`tracevene.Program.run`).
         forward_kwargs: Extra keyword arguments for every forward call.
+        cache_sources: Keep what clean source passes hand on to the base (e.g. the
+            source's activation at the intervened site), keyed by the sources' inputs,
+            and skip those passes when the same sources come back in a later epoch.
+            Costs the memory of those values for the whole dataset. Default: on when
+            ``epochs > 1``.
 
     Returns:
         The loss of every step, and per-epoch metrics.
@@ -140,7 +147,8 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(lr_schedule, warmup_steps, steps))
     annealed = _annealed(program, temperature, steps)
     history = History()
-    run = _runner(program, model, schedule, forward_kwargs)
+    cache = SourceCache() if (epochs > 1 if cache_sources is None else cache_sources) else None
+    run = _runner(program, model, schedule, forward_kwargs, cache)
     modes = _set_train_mode(program, True)
     try:
         for epoch in range(epochs):
@@ -256,12 +264,14 @@ def _postfix(history: History, metric_sum: float, metric_n: int) -> dict[str, st
 
 
 # -- runs ------------------------------------------------------------------------------
-def _runner(program: Program, model: Model, schedule: str, forward_kwargs: Any):  # noqa: ANN202
+def _runner(  # noqa: ANN202
+    program: Program, model: Model, schedule: str, forward_kwargs: Any, cache: Any = None
+):
     """``batch -> Result`` for this program and model."""
 
     def run(batch: Mapping[str, Any]) -> Result:
         base, sources, args = _unpack(program, batch)
-        return program.run(model, base, sources, schedule=schedule,
+        return program.run(model, base, sources, schedule=schedule, source_cache=cache,
                            forward_kwargs=forward_kwargs, **args)  # fmt: skip
 
     return run

@@ -16,6 +16,7 @@ from ..errors import BackendError, closest
 from ..ir.program import Program
 from ..result import Result
 from ..sites.bind import Resolver
+from .cache import SourceCache, cacheable, compact, handed_on, pass_key
 from .inputs import Call, can_batch, to_call
 from .interpret import Env
 from .plan import Pass, make_plan
@@ -28,7 +29,10 @@ BACKENDS: dict[str, tuple[str, str, str | None, str | None]] = {
     "torch": ("tracevene.backends.torch_hooks", "TorchBackend", None, None),
     "nnsight": ("tracevene.backends.nnsight", "NNsightBackend", "nnsight", "nnsight"),
     "transformer_lens": (
-        "tracevene.backends.transformer_lens", "LensBackend", "transformer-lens", "transformer_lens"
+        "tracevene.backends.transformer_lens",
+        "LensBackend",
+        "transformer-lens",
+        "transformer_lens",
     ),
 }
 PLANNED: dict[str, str] = {}
@@ -77,6 +81,7 @@ class Backend(ABC):
         args: Mapping[str, Any],
         forward_kwargs: dict[str, Any],
         schedule: str,
+        source_cache: SourceCache | None = None,
     ) -> Result:
         """Run ``program`` with ``inputs[0]`` as the base and the rest as sources."""
         self.check_program(model, program)
@@ -95,12 +100,31 @@ class Backend(ABC):
         with torch.set_grad_enabled(grad), frozen(model.module, grad, program), cached():
             env.run_nodes(plan.prelude)
             for p in plan.passes:
-                out = self.run_pass(model, p, [calls[r] for r in p.runs], env)
+                run_calls = [calls[r] for r in p.runs]
+                if source_cache is not None and cacheable(p):
+                    self._cached_pass(model, p, run_calls, env, source_cache)
+                    continue
+                out = self.run_pass(model, p, run_calls, env)
                 if 0 in p.runs:
                     output = out
         values = {n.id: env.values[n.id] for n in program.nodes if n.op == "save"}
         saves = {n.target: values[n.id] for n in program.nodes if n.op == "save" and n.target}
         return Result(saves, output, values, plan, program)
+
+    def _cached_pass(
+        self, model: Model, p: Pass, calls: list[Call], env: Env, cache: SourceCache
+    ) -> None:
+        """Serve a clean source pass from ``cache``, or run it and keep what it hands on."""
+        key = pass_key(id(env.program), p, calls, env.args)
+        if key in cache.entries:
+            cache.hits += 1
+            env.values.update(cache.entries[key])
+            return
+        cache.misses += 1
+        self.run_pass(model, p, calls, env)
+        inside = {n.id for nodes in p.events.values() for n in nodes}
+        later = [n for n in env.program.nodes if n.id not in inside]
+        cache.entries[key] = {i: compact(env.values[i]) for i in handed_on(p, later)}
 
 
 def run_mode(schedule: str, device: torch.device) -> str:
@@ -160,7 +184,6 @@ def get_backend(name: str) -> Backend:
     module, cls, extra, package = BACKENDS[name]
     if package is not None and importlib.util.find_spec(package) is None:
         raise BackendError(
-            f"the {name!r} backend needs the {package!r} package: pip install "
-            f"'tracevene[{extra}]'"
+            f"the {name!r} backend needs the {package!r} package: pip install 'tracevene[{extra}]'"
         )
     return getattr(importlib.import_module(module), cls)()

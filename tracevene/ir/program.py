@@ -14,6 +14,7 @@ from ..sites.vocab import display, parse
 from .nodes import OPS, Node, Ref, check_method, resolve_function
 
 if TYPE_CHECKING:
+    from ..backends.cache import SourceCache
     from ..model import Model
     from ..result import Result
 
@@ -110,6 +111,7 @@ class Program:
         *,
         schedule: str = "auto",
         forward_kwargs: Mapping[str, Any] | None = None,
+        source_cache: SourceCache | None = None,
         **args: Any,
     ) -> Result:
         """Run the program on ``model``.
@@ -121,6 +123,9 @@ class Program:
             schedule: ``"auto"``, ``"batched"`` (base and sources in one forward pass
                 where the program allows) or ``"sequential"`` (one pass per run).
             forward_kwargs: Extra keyword arguments for every forward call.
+            source_cache: A :class:`tracevene.SourceCache` shared by runs over recurring
+                sources: a source pass that only reads clean activations is served from
+                it when its inputs (and placeholders) were seen before.
             **args: Values of the placeholders (``t.arg(name)``).
 
         Returns:
@@ -142,7 +147,8 @@ class Program:
                 f"unexpected {extra}. Pass them as program.run(..., name=value)."
             )
         return model.backend.run(
-            model, self, [base, *sources], args, dict(forward_kwargs or {}), schedule
+            model, self, [base, *sources], args, dict(forward_kwargs or {}), schedule,
+            source_cache,
         )
 
     # -- files ---------------------------------------------------------------
