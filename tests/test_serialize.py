@@ -779,7 +779,8 @@ def test_overwrite_replaces_a_saved_program(program, model, tmp_path):
     t.program.save(target)
     program.save(target)
     assert iv.Program.load(target) == program
-    assert sorted(p.name for p in target.iterdir()) == ["program.json", "tensors.safetensors"]
+    names = sorted(p.name for p in target.iterdir())
+    assert names == ["README.md", "program.json", "tensors.safetensors"]
     assert _leftovers(tmp_path, keep="program") == []
 
 

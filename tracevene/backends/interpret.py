@@ -46,6 +46,10 @@ class Env:
         """Run a node that is neither a read nor a write."""
         try:
             self.values[node.id] = self._compute(node)
+        except ShapeError as e:
+            if node.op != "call_module":
+                raise
+            raise ShapeError(_module_shape_message(self.program, node, e)) from e
         except TraceveneError:
             raise
         except Exception as e:
@@ -151,3 +155,33 @@ def _describe(node: Node) -> str:
     if node.op in ("read", "write"):
         return f"{node.op} of {run_name(node.run)}.{display(node.target)}"
     return f"%{node.id} ({node.op} {node.target or ''})".replace(" )", ")")
+
+
+def _module_shape_message(program: Program, node: Node, error: ShapeError) -> str:
+    """The module's shape error, with the user's line and the sites its inputs come from."""
+    sites = ", ".join(source_sites(program, node)) or "no site (constants and placeholders)"
+    module = type(program.modules[node.target]).__name__
+    return (
+        f"line {node.loc}: {module} ({node.target}) applied to {sites}: {error} If the "
+        "program was saved for another model, run it on a model whose sites have the "
+        "widths it was built for."
+    )
+
+
+def source_sites(program: Program, node: Node) -> list[str]:
+    """The sites (``base.layer[1].resid_post``) that ``node``'s arguments are computed from.
+
+    Walks references back through computed values to the ``read`` nodes they start
+    at, in program order.
+    """
+    seen: set[int] = set()
+    stack = list(node.refs())
+    while stack:
+        i = stack.pop()
+        if i not in seen:
+            seen.add(i)
+            if program.nodes[i].op != "read":
+                stack.extend(program.nodes[i].refs())
+    reads = [program.nodes[i] for i in sorted(seen) if program.nodes[i].op == "read"]
+    names = (f"{run_name(n.run)}.{display(n.target)}" for n in reads)
+    return list(dict.fromkeys(names))

@@ -147,16 +147,78 @@ class Program:
                 f"unexpected {extra}. Pass them as program.run(..., name=value)."
             )
         return model.backend.run(
-            model, self, [base, *sources], args, dict(forward_kwargs or {}), schedule,
+            model,
+            self,
+            [base, *sources],
+            args,
+            dict(forward_kwargs or {}),
+            schedule,
             source_cache,
         )
 
     # -- files ---------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
-        """Save as ``program.json`` + ``tensors.safetensors`` (atomic, no pickle)."""
+        """Save as ``program.json`` + ``tensors.safetensors`` + ``README.md`` (atomic, no pickle).
+
+        ``README.md`` is a model card: Hugging Face metadata and a description of the
+        program (listing, runs, placeholders, modules, how to load it). Loading
+        ignores it. An existing directory is replaced only if it holds a saved program.
+
+        Args:
+            directory: The directory to write.
+
+        Raises:
+            RegistryError: The program calls a module whose class is not registered.
+            FileExistsError: ``directory`` exists and holds something else.
+        """
         from .serialize import save_program
 
         save_program(self, Path(directory))
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        token: str | None = None,
+        private: bool = False,
+        commit_message: str = "Upload tracevene program",
+    ) -> str:
+        """Upload the saved program to a Hugging Face hub model repository.
+
+        Saves to a temporary directory (as :meth:`save`, with a model card whose
+        loading example downloads ``repo_id``), creates the repository if needed and
+        uploads the files. Load it back with
+        ``iv.Program.load(huggingface_hub.snapshot_download(repo_id))``.
+
+        Args:
+            repo_id: ``"user/name"`` or ``"org/name"``.
+            token: A hub token (default: the one ``huggingface-cli login`` stored).
+            private: Create the repository as private (if it does not exist yet).
+            commit_message: The message of the upload commit.
+
+        Returns:
+            The URL of the upload commit (or of the repository).
+
+        Raises:
+            ImportError: ``huggingface_hub`` is not installed.
+            RegistryError: The program calls a module whose class is not registered.
+        """
+        import tempfile
+
+        from .serialize import save_program
+
+        hub = _huggingface_hub()
+        with tempfile.TemporaryDirectory(prefix="tracevene-push-") as tmp:
+            directory = Path(tmp) / "program"
+            save_program(self, directory, repo_id=repo_id)
+            api = hub.HfApi(token=token)
+            repo = api.create_repo(repo_id, exist_ok=True, private=private)
+            info = api.upload_folder(
+                repo_id=getattr(repo, "repo_id", None) or repo_id,
+                folder_path=directory,
+                commit_message=commit_message,
+            )
+        return str(getattr(info, "commit_url", None) or repo)
 
     @classmethod
     def load(cls, directory: str | Path) -> Program:
@@ -190,6 +252,19 @@ class Program:
         )
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def _huggingface_hub() -> Any:
+    """The ``huggingface_hub`` package, or an ImportError that says how to install it."""
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise ImportError(
+            "Program.push_to_hub needs the huggingface_hub package, which is not "
+            "installed: pip install huggingface_hub (or pip install 'tracevene[hf]'). "
+            "Without it, program.save(directory) writes the same files for any upload."
+        ) from None
+    return huggingface_hub
 
 
 def run_name(run: int) -> str:
@@ -241,8 +316,9 @@ def _format_node(node: Node, program: Program) -> str:
             f"{', '.join(format_arg(a) for a in node.args[1:])}{kwargs})"
         ).replace("(, ", "("),
         "call_module": lambda: f"{node.target}[{_module_name(program, node)}]({args}{kwargs})",
-        "save": lambda: f"save {format_arg(node.args[0])}"
-        + (f" as {node.target!r}" if node.target else ""),
+        "save": lambda: (
+            f"save {format_arg(node.args[0])}" + (f" as {node.target!r}" if node.target else "")
+        ),
     }[node.op]()
     return f"  %{node.id} = {body}"
 

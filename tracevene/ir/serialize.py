@@ -1,7 +1,9 @@
 """Programs on disk: versioned JSON for the graph, safetensors for tensors.
 
 Schema: ``dsl/schema/program.v1.json``. No pickle; loading executes no code from
-the files; every damaged directory raises :class:`ProgramFormatError`.
+the files; every damaged directory raises :class:`ProgramFormatError`. A saved
+directory also holds a ``README.md`` model card (Hugging Face front matter plus a
+description of the program) that loading ignores.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,13 +23,21 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import ProgramFormatError
 from ..interventions import registry
+from ..sites.vocab import display
 from .nodes import Node, Ref
-from .program import Program
+from .program import Program, run_name
 
 FORMAT = "tracevene-program"
 VERSION = 1
 GRAPH_FILE = "program.json"
 TENSOR_FILE = "tensors.safetensors"
+CARD_FILE = "README.md"
+#: How every model card tracevene writes begins (Hugging Face model-card metadata).
+CARD_HEADER = "---\nlibrary_name: tracevene\ntags:\n- tracevene\n- interventions\n---\n"
+_FROM_ONE_SAVE = (
+    f"The two files must come from one save: copy both {GRAPH_FILE} and {TENSOR_FILE} "
+    "from the same save, or save the program again."
+)
 
 
 # -- values <-> JSON -----------------------------------------------------------
@@ -61,7 +72,7 @@ def decode(x: Any) -> Any:
         raise ProgramFormatError(f"bad argument {x!r}")
     if len(x) != 1:
         raise ProgramFormatError(f"bad argument {x!r}: expected one of ref/slice/tuple/...")
-    (kind, v), = x.items()
+    ((kind, v),) = x.items()
     if kind == "ref" and isinstance(v, int) and not isinstance(v, bool):
         return Ref(v)
     if kind == "ellipsis":
@@ -119,8 +130,15 @@ def node_from_json(obj: Any, i: int) -> Node:
 
 
 # -- save ----------------------------------------------------------------------
-def save_program(program: Program, directory: Path) -> None:
-    """Write ``directory`` atomically: a crash never leaves a loadable half-write."""
+def save_program(program: Program, directory: Path, repo_id: str | None = None) -> None:
+    """Write ``directory`` atomically: a crash never leaves a loadable half-write.
+
+    Args:
+        program: The program to save.
+        directory: The directory to create (or replace, if it holds a saved program).
+        repo_id: The Hugging Face repository the directory is uploaded to, if any;
+            the model card's loading example then downloads from it.
+    """
     tensors: dict[str, torch.Tensor] = {}
     modules = {}
     for key, module in program.modules.items():
@@ -138,6 +156,7 @@ def save_program(program: Program, directory: Path) -> None:
         "tensors": _manifest(program.tensors),
     }
     text = json.dumps(graph, indent=1)
+    card = model_card(program, modules, repo_id or directory.name, hub=repo_id is not None)
     _check_replaceable(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -146,6 +165,7 @@ def save_program(program: Program, directory: Path) -> None:
         blobs = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
                  for k, v in tensors.items()}  # fmt: skip
         save_file(blobs, tmp / TENSOR_FILE)
+        (tmp / CARD_FILE).write_text(card, encoding="utf-8")
         (tmp / GRAPH_FILE).write_text(text)
         _replace_dir(tmp, directory)
     except BaseException:
@@ -165,11 +185,21 @@ def _check_replaceable(target: Path) -> None:
     if not (target.exists() or target.is_symlink()):
         return
     names = set(os.listdir(target)) if target.is_dir() and not target.is_symlink() else None
-    if names is None or not names <= {GRAPH_FILE, TENSOR_FILE}:
+    ours = names is not None and names <= {GRAPH_FILE, TENSOR_FILE, CARD_FILE}
+    if not ours or (CARD_FILE in names and not _is_card(target / CARD_FILE)):
         raise FileExistsError(
             f"{target} exists and is not a saved program; program.save() replaces the whole "
             "directory, so it refuses to. Save to a new directory, or remove it first."
         )
+
+
+def _is_card(path: Path) -> bool:
+    """Whether ``path`` is a model card tracevene wrote (not someone's own README)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(CARD_HEADER)) == CARD_HEADER.encode()
+    except OSError:
+        return False
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -187,6 +217,121 @@ def _replace_dir(new: Path, target: Path) -> None:
         os.replace(new, target)
 
 
+# -- model card ----------------------------------------------------------------
+def model_card(program: Program, modules: dict[str, dict], name: str, hub: bool = False) -> str:
+    """The ``README.md`` of a saved program: Hugging Face front matter and a description.
+
+    Args:
+        program: The program being saved.
+        modules: Its modules as they are written to ``program.json`` (type, spec, tensors).
+        name: The repository id (``hub=True``) or the directory's name.
+        hub: Whether the loading example downloads ``name`` from the Hugging Face hub.
+
+    Returns:
+        Markdown text; loading ignores it.
+    """
+    from .. import __version__
+
+    parts = [
+        CARD_HEADER,
+        "# tracevene intervention program\n",
+        f"An intervention program saved with tracevene {__version__}: a graph of reads, "
+        "writes and intervention modules that runs on any model with the same site "
+        "names and shapes (on the torch, nnsight or TransformerLens backend).\n",
+        "## Runs, sites and placeholders\n",
+        _card_runs(program),
+        "## Modules\n",
+        _card_modules(program, modules),
+        "## Program\n",
+        _fenced("text", str(program)),
+        "## Loading\n",
+        _card_loading(program, modules, name, hub),
+        "Loading reads `program.json` and `tensors.safetensors` only (no pickle, no code "
+        "from the files) and checks every node, module spec and tensor shape.\n",
+    ]
+    return "\n".join(parts)
+
+
+def _card_runs(program: Program) -> str:
+    runs = ["base"] + [run_name(i) for i in range(1, program.n_sources + 1)]
+    inputs = f"one input per run: `sources=[...]` of length {program.n_sources}"
+    lines = [
+        f"- Source runs: {program.n_sources} ({inputs if program.n_sources else 'base only'})",
+        f"- Placeholders: {_names(program.args)}",
+        f"- Named saves: {_names(program.saves)}",
+    ]
+    for i, run in enumerate(runs):
+        for op, verb in (("read", "reads"), ("write", "writes")):
+            sites = dict.fromkeys(
+                display(n.target) for n in program.nodes if n.op == op and n.run == i
+            )
+            if sites:
+                lines.append(f"- `{run}` {verb} {_names(list(sites))}")
+    return "\n".join(lines) + "\n"
+
+
+def _card_modules(program: Program, modules: dict[str, dict]) -> str:
+    if not modules:
+        return "None.\n"
+    lines = []
+    for key, entry in modules.items():
+        cls = type(program.modules[key])
+        origin = "" if _builtin(cls) else f" (user-defined, from `{cls.__module__}`)"
+        tensors = ", ".join(f"`{k}` {m['dtype']}{m['shape']}" for k, m in entry["tensors"].items())
+        lines.append(
+            f"- `{key}`: {_code(entry['type'])}{origin}, spec {_code(json.dumps(entry['spec']))}"
+            f"; tensors: {tensors or 'none'}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _card_loading(program: Program, modules: dict[str, dict], name: str, hub: bool) -> str:
+    lines = ["import tracevene as iv"]
+    users = {type(program.modules[k]) for k in modules if not _builtin(type(program.modules[k]))}
+    for module in sorted({cls.__module__ for cls in users} - {"__main__"}):
+        lines.append(f"import {module}  # registers the user-defined interventions")
+    if any(cls.__module__ == "__main__" for cls in users):
+        lines.append("# first define the user-defined interventions listed under Modules")
+    if hub:
+        lines += [
+            "from huggingface_hub import snapshot_download",
+            "",
+            f"program = iv.Program.load(snapshot_download({name!r}))",
+        ]
+    else:
+        lines += ["", f"program = iv.Program.load({name!r})  # this directory"]
+    sources = ", ".join(f"source{i}" for i in range(1, program.n_sources + 1))
+    args = "".join(f", {a}=..." for a in program.args)
+    lines += [
+        "model = iv.wrap(hf_model)  # the sites above, at the widths the modules were built for",
+        f"result = program.run(model, base, sources=[{sources}]{args})",
+    ]
+    if program.saves:
+        lines.append(f"print(result[{program.saves[0]!r}])")
+    return _fenced("python", "\n".join(lines))
+
+
+def _builtin(cls: type) -> bool:
+    return cls.__module__.split(".")[0] in ("tracevene", "torch")
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(_code(n) for n in names) or "none"
+
+
+def _code(text: str) -> str:
+    """``text`` as a Markdown code span, whatever backticks it holds."""
+    ticks = "`" * (max((len(r) for r in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{ticks}{pad}{text}{pad}{ticks}"
+
+
+def _fenced(language: str, text: str) -> str:
+    """``text`` in a fenced code block longer than any backtick run inside it."""
+    fence = "`" * max(3, max((len(r) for r in re.findall(r"`+", text)), default=0) + 1)
+    return f"{fence}{language}\n{text}\n{fence}\n"
+
+
 # -- load ----------------------------------------------------------------------
 def load_program(directory: Path) -> Program:
     """Read and check a program directory."""
@@ -194,18 +339,24 @@ def load_program(directory: Path) -> Program:
     blobs = _read_tensors(directory)
     nodes = [node_from_json(obj, i) for i, obj in enumerate(graph["nodes"])]
     consts = {k: _take(blobs, f"const/{k}", m) for k, m in _field(graph, "tensors").items()}
-    modules = {}
-    for key, entry in _field(graph, "modules").items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("tensors"), dict):
-            raise ProgramFormatError(
-                f"{GRAPH_FILE}: module {key!r} must be an object with 'type', 'spec' and "
-                f"'tensors', got {entry!r}"
-            )
-        module = registry.build(entry.get("type"), entry.get("spec", {}))
-        state = {k: _take(blobs, f"module/{key}/{k}", m) for k, m in entry["tensors"].items()}
-        _load_state(module, state, key)
-        modules[key] = module
+    modules = {k: _load_module(k, e, blobs) for k, e in _field(graph, "modules").items()}
     return Program(nodes, graph["n_sources"], modules, consts)
+
+
+def _load_module(key: str, entry: Any, blobs: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Module ``key``: built from its registered type and spec, then given its tensors."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("tensors"), dict):
+        raise ProgramFormatError(
+            f"{GRAPH_FILE}: module {key!r} must be an object with 'type', 'spec' and "
+            f"'tensors', got {entry!r}"
+        )
+    try:
+        module = registry.build(entry.get("type"), entry.get("spec", {}))
+    except ProgramFormatError as e:
+        raise ProgramFormatError(f"{GRAPH_FILE}: module {key!r}: {e}") from None
+    state = {k: _take(blobs, f"module/{key}/{k}", m) for k, m in entry["tensors"].items()}
+    _load_state(module, state, key, entry)
+    return module
 
 
 def _read_graph(directory: Path) -> dict:
@@ -247,36 +398,54 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
-        raise ProgramFormatError(f"{path} is damaged or truncated: {e}") from None
+        raise ProgramFormatError(
+            f"{path} is damaged or truncated ({e}); its tensors cannot be read. Copy or "
+            "download the whole directory again, or save the program again."
+        ) from None
 
 
 def _take(blobs: dict[str, torch.Tensor], key: str, meta: dict) -> torch.Tensor:
     if not isinstance(meta, dict):
         raise ProgramFormatError(f"{GRAPH_FILE}: the entry of tensor {key!r} must be an object")
     if key not in blobs:
-        raise ProgramFormatError(f"tensor {key!r} is missing from {TENSOR_FILE}")
+        raise ProgramFormatError(
+            f"tensor {key!r} is missing from {TENSOR_FILE}, which {GRAPH_FILE} says holds it "
+            f"({meta.get('shape')} {meta.get('dtype')}). {_FROM_ONE_SAVE}"
+        )
     t = blobs[key]
     if list(t.shape) != meta.get("shape") or str(t.dtype).removeprefix("torch.") != meta.get(
         "dtype"
     ):
         raise ProgramFormatError(
             f"tensor {key!r} has shape {list(t.shape)} {t.dtype} in {TENSOR_FILE} but "
-            f"{meta.get('shape')} {meta.get('dtype')} in {GRAPH_FILE}"
+            f"{meta.get('shape')} {meta.get('dtype')} in {GRAPH_FILE}. {_FROM_ONE_SAVE}"
         )
     return t
 
 
-def _load_state(module: torch.nn.Module, state: dict, key: str) -> None:
+def _load_state(module: torch.nn.Module, state: dict, key: str, entry: dict) -> None:
+    """Give ``module`` its saved tensors, which must be those its spec builds."""
     expected = module.state_dict()
+    built = f"{entry.get('type')} with spec {json.dumps(entry.get('spec', {}))}"
+    fix = (
+        f"The spec in {GRAPH_FILE} and the saved tensors do not fit together: restore the "
+        "spec the program was saved with, or save the program again."
+    )
     for name, value in expected.items():
         if name not in state:
-            raise ProgramFormatError(f"module {key}: tensor {name!r} is missing")
+            raise ProgramFormatError(
+                f"module {key}: tensor {name!r} is missing; {built} has tensors "
+                f"{sorted(expected)}, the saved program has {sorted(state)}. {fix}"
+            )
         if value.shape != state[name].shape:
             raise ProgramFormatError(
                 f"module {key}: tensor {name!r} has shape {list(state[name].shape)}, "
-                f"but its spec gives {list(value.shape)}"
+                f"but its spec gives {list(value.shape)} ({built}). {fix}"
             )
     extra = set(state) - set(expected)
     if extra:
-        raise ProgramFormatError(f"module {key}: unexpected tensors {sorted(extra)}")
+        raise ProgramFormatError(
+            f"module {key}: unexpected tensors {sorted(extra)}; {built} has tensors "
+            f"{sorted(expected)}. {fix}"
+        )
     module.load_state_dict(state)
