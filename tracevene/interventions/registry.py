@@ -118,7 +118,8 @@ def build(name: str, spec: dict) -> nn.Module:
         raise ProgramFormatError(
             f"unknown intervention type {name!r}; registered types: "
             f"{', '.join(sorted(_REGISTRY))}. If it is your own class, import the module "
-            "that registers it (@tracevene.register) before loading."
+            "that registers it (it defines an iv.Intervention subclass, or uses "
+            "@tracevene.register) before loading."
         )
     if not isinstance(spec, dict):
         raise ProgramFormatError(f"bad spec {spec!r} for {name}: expected an object")
