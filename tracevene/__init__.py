@@ -32,6 +32,7 @@ from .errors import (
 from .errors import (
     TraceveneError as TraceveneError,
 )
+from .generation import generate as generate
 from .interventions.base import Intervention as Intervention
 from .interventions.registry import register as register
 from .interventions.rotations import BoundlessRotatedSpace as BoundlessRotatedSpace
