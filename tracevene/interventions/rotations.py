@@ -9,6 +9,7 @@ dtype of the activations, and materialised once per program run (programs run un
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 
@@ -55,12 +56,34 @@ class _Stiefel(nn.Module):
         return (q * signs).to(w.dtype)
 
 
-def _holder(start: Tensor, parametrization: nn.Module) -> nn.Module:
-    """A module whose ``weight`` is ``parametrization(original)``, ``original = start``."""
-    holder = nn.Module()
-    holder.weight = nn.Parameter(start)
-    parametrize.register_parametrization(holder, "weight", parametrization)
-    return holder
+class Rotation(nn.Module):
+    """A module whose ``weight`` is ``parametrization(original)``, ``original = start``.
+
+    Deep copies are rebuilt with a parametrization of their own. torch's deepcopy of a
+    parametrized module keeps its class, whose ``weight`` property caches under the id
+    of the *original* module; under ``parametrize.cached()`` (every program run) a copy
+    would then silently use the original's weight, and its own parameters would get no
+    gradient.
+    """
+
+    def __init__(self, start: Tensor, parametrization: nn.Module):
+        super().__init__()
+        self.weight = start if isinstance(start, nn.Parameter) else nn.Parameter(start)
+        parametrize.register_parametrization(self, "weight", parametrization)
+
+    def __deepcopy__(self, memo: dict) -> Rotation:
+        if id(self) in memo:
+            return memo[id(self)]
+        plist = self.parametrizations["weight"]
+        original = copy.deepcopy(plist.original, memo)
+        maps = [copy.deepcopy(m, memo) for m in plist]
+        with torch.no_grad():
+            replica = Rotation(original, maps[0])
+            for m in maps[1:]:
+                parametrize.register_parametrization(replica, "weight", m)
+        replica.train(self.training)
+        memo[id(self)] = replica
+        return replica
 
 
 def _swap(base: Tensor, source: Tensor, basis: Tensor, weight: Tensor | None = None) -> Tensor:
@@ -159,7 +182,7 @@ class RotatedSpace(_Subspace):
     ):
         super().__init__()
         self._setup(d, k, variables)
-        self.rotation = _holder(torch.zeros(self.d, self.d), _Orthogonal(self.d, orthogonal_map))
+        self.rotation = Rotation(torch.zeros(self.d, self.d), _Orthogonal(self.d, orthogonal_map))
 
 
 class LowRankRotatedSpace(_Subspace):
@@ -175,7 +198,7 @@ class LowRankRotatedSpace(_Subspace):
         super().__init__()
         self._setup(d, k, variables)
         start = nn.init.orthogonal_(torch.empty(self.d, self.d))[:, : self.k]
-        self.rotation = _holder(start.contiguous(), _Stiefel())
+        self.rotation = Rotation(start.contiguous(), _Stiefel())
 
 
 class BoundlessRotatedSpace(Intervention):
@@ -184,8 +207,10 @@ class BoundlessRotatedSpace(Intervention):
     Rotated dimension ``i`` (0-based) is taken from the source with weight
     ``sigmoid((b - i - 0.5) / (T * d))``, where the boundary ``b = d * sigmoid(theta)``
     is trained and the temperature ``T`` (a buffer, not a parameter) is annealed by
-    :func:`tracevene.train` from ``temperature_schedule[0]`` to ``[1]``. As ``T``
-    falls the mask becomes a hard cut after ``b`` dimensions.
+    :func:`tracevene.train` from ``temperature_schedule[0]`` to ``[1]``: from 1 (soft
+    over all ``d`` dimensions) to ``min(0.01, 0.1 / d)`` (an edge a tenth of a
+    dimension wide), so the mask ends as a hard cut after ``b`` dimensions whatever
+    ``d`` is.
 
     Args:
         d: Width of the site.
@@ -207,9 +232,10 @@ class BoundlessRotatedSpace(Intervention):
         if not 0 < init_boundary < 1:
             raise ValueError(f"init_boundary={init_boundary} must be a fraction in (0, 1)")
         self.d = int(d)
-        self.rotation = _holder(torch.zeros(self.d, self.d), _Orthogonal(self.d, orthogonal_map))
+        self.rotation = Rotation(torch.zeros(self.d, self.d), _Orthogonal(self.d, orthogonal_map))
         self.theta = nn.Parameter(torch.tensor(math.log(init_boundary / (1 - init_boundary))))
         self.register_buffer("temperature", torch.tensor(float(temperature)))
+        self.temperature_schedule = (1.0, min(0.01, 0.1 / self.d))
 
     @property
     def boundary(self) -> float:

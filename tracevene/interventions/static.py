@@ -41,7 +41,7 @@ class MeanAblate(Intervention):
 
     def forward(self, base: Tensor, source: Tensor | None = None) -> Tensor:
         """The mean, broadcast to ``base``'s shape."""
-        return self.mean.to(base.dtype).expand_as(base)
+        return self.mean.to(base.device, base.dtype).expand_as(base)
 
 
 class Add(Intervention):
@@ -59,7 +59,7 @@ class Add(Intervention):
 
     def forward(self, base: Tensor, source: Tensor | None = None) -> Tensor:
         """``base + scale * vector``."""
-        return base + self.scale * self.vector.to(base.dtype)
+        return base + self.scale * self.vector.to(base.device, base.dtype)
 
 
 class Scale(Intervention):
@@ -103,7 +103,8 @@ class Interchange(Intervention):
         subspace: Indices of the last dimension to take from the source
             (``None``: all of them).
         variables: Named, disjoint index sets of the last dimension; call with
-            ``variable=name`` to swap one of them.
+            ``variable=name`` to swap one of them (without ``variable``, all of them
+            are swapped, as with the rotations' ``variables``).
 
     Example:
         ```python
@@ -167,8 +168,13 @@ def _pick(
     variables: Mapping[str, list[int]],
     variable: str | None,
 ) -> list[int] | None:
-    """The index set for ``variable`` (or the default one when no variable is named)."""
+    """The index set for ``variable`` (``None``: the whole vector).
+
+    With no variable named: the default index set, or else all the variables' dimensions.
+    """
     if variable is None:
+        if default is None and variables:
+            return sorted(i for index in variables.values() for i in index)
         return default
     if variable not in variables:
         raise ValueError(
