@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import re
+from dataclasses import dataclass
 
 import torch
 import transformers
@@ -172,3 +173,96 @@ class Rotate(nn.Module):
         r = self.rot.weight
         rb, rs = base @ r, source @ r
         return torch.cat([rs[..., : self.k], rb[..., self.k :]], dim=-1) @ r.T
+
+
+# -- a model with a known causal variable (DAS ground truth) ---------------------------
+@dataclass
+class Planted:
+    """A model from :func:`planted` and its ground truth.
+
+    Attributes:
+        model: The GPT-2 (float32, eval mode).
+        q: The unit direction ``[d]`` of the residual stream that carries the variable.
+        var: The variable of each token, ``+1.0`` or ``-1.0`` ``[vocab]``.
+    """
+
+    model: nn.Module
+    q: torch.Tensor
+    var: torch.Tensor
+
+    def label(self, ids: torch.Tensor) -> torch.Tensor:
+        """The model's answer on ``ids``: 1 where the last token's variable is -1, else 0."""
+        return (self.var[ids[:, -1]] < 0).long()
+
+    def batches(self, n: int, size: int = 32, pos: int = 4, seed: int = 0) -> list[dict]:
+        """``n`` interchange batches: base and source ids, labels = the source's answer."""
+        g = torch.Generator().manual_seed(seed)
+        vocab = self.var.shape[0]
+        out = []
+        for _ in range(n):
+            base = torch.randint(0, vocab, (size, pos), generator=g)
+            source = torch.randint(0, vocab, (size, pos), generator=g)
+            out.append({"base": base, "source": source, "labels": self.label(source)})
+        return out
+
+
+def planted(d: int = 16, vocab: int = 32, noise: float = 3.0, scale: float = 5.0,
+            seed: int = 0) -> Planted:  # fmt: skip
+    """A 2-layer GPT-2 whose answer is one variable stored along a hidden direction ``q``.
+
+    Ground truth for distributed alignment search: DAS with one dimension at
+    ``layer[0].resid_post[:, -1]`` should find ``q`` (and reach IIA 1), Boundless DAS
+    should interchange a strict part of the space.
+
+    Construction (``d`` = width):
+
+    * Every token ``t`` has a variable ``var[t]`` of ``+1`` or ``-1``. Its embedding is
+      ``R @ [var[t], noise features]``: coordinate 0 carries the variable, the other
+      ``d - 2`` coordinates are Gaussian noise of std ``noise``, and ``R`` is a random
+      ``d x (d - 1)`` orthonormal basis of the complement of the all-ones vector, so
+      ``q = R[:, 0]`` is a random direction that LayerNorm (which removes the mean over
+      features) leaves alone: the sign of the q-component survives every LayerNorm.
+      Position embeddings are zero.
+    * Both blocks are identities: the output projections of attention and MLP (weights
+      and biases) are zero, so ``resid_post`` of every layer equals the embedding.
+    * The unembedding reads only ``q``: token 0's row is ``scale * q``, token 1's is
+      ``-scale * q``; every other row is ``-10 * ones / sqrt(d)``, which, with a final
+      LayerNorm bias of ``ones / sqrt(d)``, gives those tokens a logit of -10.
+
+    So the model predicts token 0 when the last token's variable is +1 and token 1 when
+    it is -1 (:meth:`Planted.label`), and an interchange of the q-component of the last
+    position from a source makes it answer the source's label. Any other direction mixes
+    in noise features whose std (``noise``) swamps the variable.
+
+    Args:
+        d: Width of the residual stream (even, for 2 heads).
+        vocab: Vocabulary size.
+        noise: Std of the noise features.
+        scale: Norm of the two answer rows of the unembedding (sharpness of the answer).
+        seed: Seeds the direction, the variables and the features.
+    """
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=d, n_head=2, n_positions=16, vocab_size=vocab, bos_token_id=0,
+        eos_token_id=0, tie_word_embeddings=False, attn_implementation="eager",
+    )  # fmt: skip
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    ones = torch.ones(d) / d**0.5
+    basis, _ = torch.linalg.qr(torch.cat([ones[:, None], torch.randn(d, d - 1)], 1))
+    basis = basis[:, 1:]  # orthonormal, orthogonal to ones
+    var = torch.randint(0, 2, (vocab,)) * 2 - 1.0
+    feats = noise * torch.randn(vocab, d - 1)
+    feats[:, 0] = var
+    q = basis[:, 0].clone()
+    with torch.no_grad():
+        hf.transformer.wte.weight.copy_(feats @ basis.T)
+        hf.transformer.wpe.weight.zero_()
+        for block in hf.transformer.h:
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                proj.weight.zero_()
+                proj.bias.zero_()
+        hf.transformer.ln_f.bias.copy_(ones)
+        hf.lm_head.weight.copy_(-10 * ones.expand(vocab, d))
+        hf.lm_head.weight[0] = scale * q
+        hf.lm_head.weight[1] = -scale * q
+    return Planted(hf, q, var)

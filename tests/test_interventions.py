@@ -882,3 +882,15 @@ def test_star_args_cannot_be_recorded():
 
     with pytest.raises(RegistryError, match=r"Varargs: \*sizes arguments cannot be saved"):
         Varargs(1, 2)
+
+
+def test_interchange_refuses_an_empty_index_set():
+    with pytest.raises(ValueError, match="empty index set"):
+        iv.Interchange(subspace=[])
+    with pytest.raises(ValueError, match="empty index set"):
+        iv.Interchange(variables={"a": [0], "b": []})
+
+
+def test_sigmoid_mask_checks_the_source_width():
+    with pytest.raises(iv.ShapeError, match=r"SigmoidMask\(d=4\) was given a source of shape"):
+        iv.SigmoidMask(4)(torch.zeros(2, 4), torch.zeros(2, 5))

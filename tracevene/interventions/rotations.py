@@ -295,6 +295,7 @@ class SigmoidMask(Intervention):
         """``base + mask * (source - base)``."""
         source = need_source(self, source)
         check_width(self, base, self.d)
+        check_width(self, source, self.d, "source")
         dt = compute_dtype(base)
         mixed = base.to(dt) + self.mask().to(dt) * (source.to(dt) - base.to(dt))
         return mixed.to(base.dtype)

@@ -126,6 +126,11 @@ class Interchange(Intervention):
         if subspace is not None and variables is not None:
             raise ValueError("give Interchange either subspace=[...] or variables={...}, not both")
         self.subspace = None if subspace is None else [int(i) for i in subspace]
+        if self.subspace == [] or any(len(v) == 0 for v in (variables or {}).values()):
+            raise ValueError(
+                "Interchange got an empty index set: give at least one dimension per "
+                "subspace / variable, or subspace=None to swap the whole vector."
+            )
         self.variables = {k: [int(i) for i in v] for k, v in (variables or {}).items()}
         _check_disjoint(self.variables)
 
