@@ -206,7 +206,7 @@ class Planted:
         return out
 
 
-def planted(d: int = 16, vocab: int = 32, noise: float = 3.0, scale: float = 5.0,
+def planted(d: int = 16, vocab: int = 32, noise: float = 2.0, scale: float = 3.0,
             seed: int = 0) -> Planted:  # fmt: skip
     """A 2-layer GPT-2 whose answer is one variable stored along a hidden direction ``q``.
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,7 +89,7 @@ def train(
 
     Args:
         program: A program whose ``call_module`` nodes hold the trainable interventions.
-        model: The model (an :class:`tracevene.Model`, or a module for the torch backend).
+        model: The model (a :class:`tracevene.Model`, or a module, wrapped as by ``iv.wrap``).
         data: Batches (dicts, see the module docstring); iterated once per epoch.
         loss_fn: ``loss_fn(result, batch) -> scalar``; default: cross-entropy of
             ``batch["labels"]`` at the last position.
@@ -99,7 +99,8 @@ def train(
         lr_schedule: ``"constant"``, ``"linear"`` (decay to 0) or ``"cosine"``, after
             ``warmup_steps`` of linear warm-up.
         warmup_steps: Optimizer steps of linear warm-up.
-        grad_accum: Batches whose gradients are accumulated per optimizer step.
+        grad_accum: Batches whose gradients are accumulated per optimizer step (their
+            mean loss; a shorter last step of an epoch takes the mean of its own batches).
         max_grad_norm: Clip the gradient norm to this (``None``: no clipping).
         temperature: ``"auto"`` anneals every intervention with a ``temperature``
             buffer along its ``temperature_schedule`` (geometrically, over all steps);
@@ -205,12 +206,13 @@ def evaluate(
     total, count = 0.0, 0
     modes = _set_train_mode(program, False)
     try:
-        with torch.no_grad(), tqdm(data, desc="evaluate", disable=not progress) as bar:
-            for batch in bar:
+        with torch.no_grad(), _bar(data, "evaluate", progress) as bar:
+            for batch in data:
                 value = torch.as_tensor(metric_fn(run(batch), batch)).detach().double()
                 n = value.numel() if value.dim() else _batch_size(batch)
                 total += value.sum().item() if value.dim() else value.item() * n
                 count += n
+                bar.update(1)
                 bar.set_postfix(metric=f"{total / count:.4f}")
     finally:
         _restore_modes(modes)
@@ -224,9 +226,10 @@ def _epoch(run, data, loss_fn, metric_fn, params, opt, sched, annealed, grad_acc
            max_grad_norm, history, progress, desc) -> None:  # fmt: skip
     metric_sum, metric_n, pending, losses = 0.0, 0, 0, []
     opt.zero_grad(set_to_none=True)
-    with tqdm(data, desc=desc, disable=not progress) as bar:
-        for batch in bar:
-            _anneal(annealed, len(history.loss), history)
+    with _bar(data, desc, progress) as bar:
+        for batch in data:
+            if pending == 0:  # the first batch of an optimizer step
+                _anneal(annealed, len(history.loss), history)
             result = run(batch)
             loss = loss_fn(result, batch)
             _check_loss(loss)
@@ -240,8 +243,10 @@ def _epoch(run, data, loss_fn, metric_fn, params, opt, sched, annealed, grad_acc
             if pending == grad_accum:
                 _step(params, opt, sched, max_grad_norm, history, losses)
                 pending, losses = 0, []
+            bar.update(1)
             bar.set_postfix(_postfix(history, metric_sum, metric_n))
-    if pending:
+    if pending:  # a short last step: its gradient is the mean over its own batches
+        _scale_grads(params, grad_accum / pending)
         _step(params, opt, sched, max_grad_norm, history, losses)
     if metric_fn is not None and metric_n:
         history.metric.append(metric_sum / metric_n)
@@ -254,6 +259,25 @@ def _step(params, opt, sched, max_grad_norm, history, losses) -> None:  # noqa: 
     sched.step()
     opt.zero_grad(set_to_none=True)
     history.loss.append(sum(losses) / len(losses))
+
+
+def _scale_grads(params: list[nn.Parameter], factor: float) -> None:
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(factor)
+
+
+def _bar(data: Any, desc: str, progress: bool) -> tqdm:
+    """A progress bar for ``data`` that the caller advances.
+
+    It never iterates ``data`` itself: ``tqdm.auto``'s bar calls ``iter(data)`` on
+    construction, which would start a DataLoader (and its workers) twice per epoch.
+    """
+    try:
+        total = len(data)
+    except TypeError:
+        total = None
+    return tqdm(total=total, desc=desc, disable=not progress)
 
 
 def _postfix(history: History, metric_sum: float, metric_n: int) -> dict[str, str]:
@@ -352,7 +376,7 @@ def _seed(seed: int) -> None:
 
 
 def _total_steps(data: Any, epochs: int, grad_accum: int) -> int | None:
-    if iter(data) is data:
+    if isinstance(data, Iterator):  # not iter(data) is data: that starts a DataLoader's workers
         if epochs > 1:
             raise TypeError(
                 "data is a one-shot iterator, but training runs more than one epoch: pass "

@@ -117,7 +117,7 @@ class Program:
         """Run the program on ``model``.
 
         Args:
-            model: An :class:`tracevene.Model` (or a module, wrapped on the torch backend).
+            model: A :class:`tracevene.Model` (or a module, wrapped as by ``iv.wrap``).
             base: Inputs of the base run (token ids, a dict, text, or a module's input).
             sources: Inputs of each source run, in order.
             schedule: ``"auto"``, ``"batched"`` (base and sources in one forward pass
