@@ -59,8 +59,8 @@ def iia(x: Any, labels: Tensor, position: Position = -1) -> Float[Tensor, " batc
 def logit_diff(
     x: Any, correct: Tensor, wrong: Tensor, position: Position = -1
 ) -> Float[Tensor, " batch"]:
-    """``logit[correct] - logit[wrong]`` per example (e.g. IO minus S in IOI)."""
-    logits = at_position(logits_of(x), position)
+    """``logit[correct] - logit[wrong]`` per example (e.g. IO minus S in IOI), in float32."""
+    logits = at_position(logits_of(x), position).float()
     rows = torch.arange(logits.shape[0], device=logits.device)
     return logits[rows, correct.to(logits.device)] - logits[rows, wrong.to(logits.device)]
 
