@@ -230,15 +230,10 @@ def _epoch(run, data, loss_fn, metric_fn, params, opt, sched, annealed, grad_acc
         for batch in data:
             if pending == 0:  # the first batch of an optimizer step
                 _anneal(annealed, len(history.loss), history)
-            result = run(batch)
-            loss = loss_fn(result, batch)
-            _check_loss(loss)
-            (loss / grad_accum).backward()
-            losses.append(loss.item())
+            loss, m = _backward(run, batch, loss_fn, metric_fn, grad_accum)
+            losses.append(loss)
             pending += 1
-            if metric_fn is not None:
-                with torch.no_grad():
-                    m = torch.as_tensor(metric_fn(result, batch)).double()
+            if m is not None:
                 metric_sum, metric_n = metric_sum + m.sum().item(), metric_n + max(m.numel(), 1)
             if pending == grad_accum:
                 _step(params, opt, sched, max_grad_norm, history, losses)
@@ -250,6 +245,23 @@ def _epoch(run, data, loss_fn, metric_fn, params, opt, sched, annealed, grad_acc
         _step(params, opt, sched, max_grad_norm, history, losses)
     if metric_fn is not None and metric_n:
         history.metric.append(metric_sum / metric_n)
+
+
+def _backward(run, batch, loss_fn, metric_fn, grad_accum) -> tuple[float, Tensor | None]:  # noqa: ANN001
+    """Run one batch and accumulate its gradient; return its loss and metric values.
+
+    The result (with the model's output, e.g. full logits) dies when this returns,
+    so it is not kept alive through the next batch's forward pass.
+    """
+    result = run(batch)
+    loss = loss_fn(result, batch)
+    _check_loss(loss)
+    (loss / grad_accum).backward()
+    metric = None
+    if metric_fn is not None:
+        with torch.no_grad():
+            metric = torch.as_tensor(metric_fn(result, batch)).double()
+    return loss.item(), metric
 
 
 def _step(params, opt, sched, max_grad_norm, history, losses) -> None:  # noqa: ANN001
