@@ -665,3 +665,58 @@ def test_data_is_iterated_once_per_epoch():
     net, program = mlp_program(make("RotatedSpace", d=16))
     history = iv.train(program, net, data, epochs=3, lr_schedule="linear", progress=False)
     assert data.iterations == 3 and len(history.loss) == 6
+
+
+# -- logits at the last position only ---------------------------------------------------
+def _kwargs_seen(hf: nn.Module) -> tuple[list[dict], object]:
+    seen: list[dict] = []
+    handle = hf.register_forward_pre_hook(lambda m, a, kw: seen.append(dict(kw)), with_kwargs=True)
+    return seen, handle
+
+
+@pytest.mark.parametrize("backend", ["torch", "nnsight"])
+def test_default_loss_computes_logits_at_the_last_position_only(planted, backend):
+    model = iv.wrap(planted.model, backend=backend)
+    data = planted.batches(2, seed=3)
+    losses = {}
+    for keep in (None, 0):  # 0: HF's "all positions", i.e. the plain computation
+        torch.manual_seed(0)
+        program = interchange(model, make("RotatedSpace", k=1))
+        seen, handle = _kwargs_seen(planted.model)
+        try:
+            kwargs = {} if keep is None else {"forward_kwargs": {"logits_to_keep": keep}}
+            losses[keep] = iv.train(program, model, data, lr=1e-2, progress=False, **kwargs).loss
+        finally:
+            handle.remove()
+        assert {kw.get("logits_to_keep") for kw in seen} == {1 if keep is None else keep}
+    assert losses[None] == pytest.approx(losses[0], abs=1e-5)
+
+
+def test_logits_are_kept_whole_when_anything_else_reads_them(planted):
+    model = iv.wrap(planted.model, backend="torch")
+    data = planted.batches(1, seed=3)
+    cases = {
+        "own loss": dict(loss_fn=lambda r, b: metrics.cross_entropy(r, b["labels"]).mean()),
+        "own metric": dict(metric_fn=mean_ce),
+    }
+    for name, kwargs in cases.items():
+        seen, handle = _kwargs_seen(planted.model)
+        try:
+            iv.train(interchange(model, make("RotatedSpace", k=1)), model, data,
+                     progress=False, **kwargs)  # fmt: skip
+        finally:
+            handle.remove()
+        assert all("logits_to_keep" not in kw for kw in seen), name
+    with iv.trace(model) as t:  # the program reads the logits itself
+        src = t.source()
+        rot = make("RotatedSpace", k=1)
+        t.layer[0].resid_post[:, -1] = rot(
+            t.layer[0].resid_post[:, -1], src.layer[0].resid_post[:, -1]
+        )
+        t.logits[:, 0].save("first")
+    seen, handle = _kwargs_seen(planted.model)
+    try:
+        iv.evaluate(t.program, model, data, progress=False)
+    finally:
+        handle.remove()
+    assert all("logits_to_keep" not in kw for kw in seen)

@@ -9,6 +9,7 @@ a ``torch.utils.data.DataLoader``.
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -111,7 +112,11 @@ def train(
         seed: Seed set before training (``None``: leave the random state alone).
         progress: Show a progress bar with the loss (and the metric).
         schedule: How runs are scheduled (see :meth:`tracevene.Program.run`).
-        forward_kwargs: Extra keyword arguments for every forward call.
+        forward_kwargs: Extra keyword arguments for every forward call. With the
+            default loss and metric (which read the last position only), a model whose
+            forward takes ``logits_to_keep`` gets ``logits_to_keep=1`` unless the
+            program reads or writes ``t.logits``: logits are computed for the last
+            position only.
         cache_sources: Keep what clean source passes hand on to the base (e.g. the
             source's activation at the intervened site), keyed by the sources' inputs,
             and skip those passes when the same sources come back in a later epoch.
@@ -149,6 +154,8 @@ def train(
     annealed = _annealed(program, temperature, steps)
     history = History()
     cache = SourceCache() if (epochs > 1 if cache_sources is None else cache_sources) else None
+    last_only = loss_fn is None and metric_fn in (None, default_metric)
+    forward_kwargs = _forward_kwargs(program, model, forward_kwargs, last_only)
     run = _runner(program, model, schedule, forward_kwargs, cache)
     modes = _set_train_mode(program, True)
     try:
@@ -198,11 +205,15 @@ def evaluate(
             ``batch["labels"]`` at the last position.
         schedule: How runs are scheduled (see :meth:`tracevene.Program.run`).
         progress: Show a progress bar with the running mean.
-        forward_kwargs: Extra keyword arguments for every forward call.
+        forward_kwargs: Extra keyword arguments for every forward call (with the
+            default metric, ``logits_to_keep=1`` is added as in :func:`train`).
     """
     model = as_model(model)
     metric_fn = metric_fn or default_metric
-    run = _runner(program, model, schedule, forward_kwargs)
+    last_only = metric_fn in (None, default_metric)
+    run = _runner(
+        program, model, schedule, _forward_kwargs(program, model, forward_kwargs, last_only)
+    )
     total, count = 0.0, 0
     modes = _set_train_mode(program, False)
     try:
@@ -250,17 +261,18 @@ def _epoch(run, data, loss_fn, metric_fn, params, opt, sched, annealed, grad_acc
 def _backward(run, batch, loss_fn, metric_fn, grad_accum) -> tuple[float, Tensor | None]:  # noqa: ANN001
     """Run one batch and accumulate its gradient; return its loss and metric values.
 
-    The result (with the model's output, e.g. full logits) dies when this returns,
-    so it is not kept alive through the next batch's forward pass.
+    The result (with the model's output, e.g. full logits) is dropped before the
+    backward pass, so the logits and their gradient are never alive together.
     """
     result = run(batch)
     loss = loss_fn(result, batch)
     _check_loss(loss)
-    (loss / grad_accum).backward()
     metric = None
     if metric_fn is not None:
         with torch.no_grad():
             metric = torch.as_tensor(metric_fn(result, batch)).double()
+    del result  # the output (full logits) need not live through the backward pass
+    (loss / grad_accum).backward()
     return loss.item(), metric
 
 
@@ -311,6 +323,27 @@ def _runner(  # noqa: ANN202
                            forward_kwargs=forward_kwargs, **args)  # fmt: skip
 
     return run
+
+
+def _forward_kwargs(
+    program: Program, model: Model, forward_kwargs: Mapping[str, Any] | None, last_only: bool
+) -> dict[str, Any]:
+    """``forward_kwargs``, plus ``logits_to_keep=1`` when only the last logits are read.
+
+    That holds with the default loss and metric on a model whose forward accepts
+    ``logits_to_keep`` (Hugging Face causal LMs), if the program itself neither reads
+    nor writes the logits: the unembedding then runs on the last position only, in the
+    forward and the backward pass.
+    """
+    kwargs = dict(forward_kwargs or {})
+    touches_logits = any(n.op in ("read", "write") and n.target == "logits" for n in program.nodes)
+    if not last_only or touches_logits or "logits_to_keep" in kwargs:
+        return kwargs
+    try:
+        accepts = "logits_to_keep" in inspect.signature(model.module.forward).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    return {**kwargs, "logits_to_keep": 1} if accepts else kwargs
 
 
 def _unpack(program: Program, batch: Any) -> tuple[Any, list[Any], dict[str, Any]]:
