@@ -35,15 +35,6 @@ KINDS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @functools.cache
 def hf(arch: str) -> nn.Module:
     return models.minilm() if arch == "minilm" else models.DECODERS[arch]()

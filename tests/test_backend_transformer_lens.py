@@ -56,15 +56,6 @@ needs_hooked = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # -- models and helpers ------------------------------------------------------------------
 @functools.cache
 def hf(arch: str) -> nn.Module:

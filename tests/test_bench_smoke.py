@@ -1,4 +1,8 @@
-"""Smoke test of bench/overhead.py: it runs and prints its table (no timing assertions)."""
+"""Smoke tests of the bench/ scripts: each runs in --quick mode and reports its figures.
+
+No timing assertions (speed targets live in the benchmarks, as ratios); only that the
+scripts run, print their tables, and that their variants compute the same numbers.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "bench" / "overhead.py"
+BENCH = Path(__file__).resolve().parent.parent / "bench"
 
-VARIANTS = (
+OVERHEAD_VARIANTS = (
     "plain forward",
     "save-only program",
     "interchange, by hand (2 forwards)",
@@ -19,13 +22,33 @@ VARIANTS = (
     "interchange program (batched)",
     "record program (interchange)",
 )
+BACKEND_ROWS = [
+    f"| {backend} | {variant} |"
+    for backend in ("torch", "nnsight", "transformer_lens")
+    for variant in (
+        "save-only, tracevene",
+        "save-only, by hand",
+        "interchange, tracevene",
+        "interchange, by hand (early stop)",
+        "interchange, by hand (2 full runs)",
+    )
+] + ["| pyvene | interchange, IntervenableModel |"]
+DAS_VARIANTS = (
+    "tracevene | low-rank",
+    "tracevene | full, cayley",
+    "tracevene | full, matrix_exp",
+    "pyvene | low-rank",
+    "pyvene | full",
+)
+DAS_TRACEVENE = DAS_VARIANTS[:3]
 
 
-def test_overhead_quick_runs_and_prints_table(tmp_path: Path) -> None:
+def run_quick(script: str, tmp_path: Path) -> tuple[str, dict]:
+    """Run ``bench/<script> --quick``; its stdout and the figures it wrote as JSON."""
     out = tmp_path / "figures.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--json", str(out)],
+        [sys.executable, str(BENCH / script), "--quick", "--json", str(out)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -33,17 +56,52 @@ def test_overhead_quick_runs_and_prints_table(tmp_path: Path) -> None:
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    text = proc.stdout
+    figures = json.loads(out.read_text())
+    assert figures["config"]["quick"] is True
+    return proc.stdout, figures
+
+
+def test_overhead_quick_runs_and_prints_table(tmp_path: Path) -> None:
+    text, figures = run_quick("overhead.py", tmp_path)
     assert "| variant | wall ms | x plain | CPU ms | x plain | target |" in text
-    for name in VARIANTS:
+    for name in OVERHEAD_VARIANTS:
         assert f"| {name} |" in text, text
     assert "machine:" in text and "threads" in text
-
-    figures = json.loads(out.read_text())
     for clock in ("wall", "cpu"):
-        assert set(VARIANTS) <= set(figures[clock]["median_ms"])
+        assert set(OVERHEAD_VARIANTS) <= set(figures[clock]["median_ms"])
         assert {"save_only_pass", "interchange_pass"} <= set(figures[clock]["targets"])
-    assert figures["config"]["quick"] is True
     # The variants compute the same numbers (correctness, not speed).
     assert all(d < 1e-4 for d in figures["max_abs_diff"].values()), figures["max_abs_diff"]
     assert "src1" in figures["plans"]["interchange program (auto)"]
+
+
+def test_backends_quick_runs_and_prints_table(tmp_path: Path) -> None:
+    text, figures = run_quick("backends.py", tmp_path)
+    assert "| backend | variant | wall ms | CPU ms | x hand (wall) |" in text
+    for row in BACKEND_ROWS:
+        assert row in text, text
+    assert "machine:" in text and "threads" in text
+    for clock in ("wall", "cpu"):
+        assert len(figures[clock]["median_ms"]) == len(BACKEND_ROWS)
+    assert all(d < 1e-4 for d in figures["max_abs_diff"].values()), figures["max_abs_diff"]
+
+
+def test_das_quick_runs_and_reports_ratios(tmp_path: Path) -> None:
+    text, figures = run_quick("das.py", tmp_path)
+    assert "| library | variant | ms / step, epoch 1 | ms / step, later epochs |" in text
+    for name in DAS_VARIANTS:
+        assert f"| {name} |" in text, text
+    assert "machine:" in text and "load average:" in text and "targets:" in text
+    for clock in ("wall", "cpu"):
+        for part in ("first_epoch", "later_epochs", "whole_run"):
+            assert set(figures[clock][part]["examples_per_s"]) == set(DAS_VARIANTS)
+            ratios = figures[clock][part]["speedup_vs_pyvene"]
+            assert set(ratios) == set(DAS_TRACEVENE) and all(r > 0 for r in ratios.values())
+    if sys.platform.startswith("linux"):  # peak RSS comes from /proc
+        assert set(figures["memory"]["ratio_vs_pyvene"]) == set(DAS_TRACEVENE)
+        per = figures["memory"]["per_variant"]
+        assert all(per[v]["peak_increase_mib"] > 0 for v in DAS_VARIANTS), per
+    # Same rotation, same numbers (correctness, not speed).
+    checks = figures["checks"]
+    assert all(d < 1e-4 for d in checks["init_loss_abs_diff"].values()), checks
+    assert checks["matrix_exp_pair_max_loss_diff_over_run"] < 1e-4, checks

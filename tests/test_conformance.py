@@ -38,15 +38,6 @@ MINILM_TEXT = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (10x on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.cache
 def _program_module(path: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"conformance_{path.stem}", path)

@@ -24,15 +24,6 @@ B, P, N, D = 2, 6, 6, 32
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @functools.cache
 def gpt2() -> nn.Module:
     """GPT-2 with larger random weights: sharper attention, varied greedy tokens."""

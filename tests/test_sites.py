@@ -27,16 +27,6 @@ ARCHS = [*M.DECODERS, "minilm"]
 PRE_LN = ["gpt2", "llama", "qwen2", "mistral"]  # resid_mid = resid_pre + attn.out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is faster than several (and far faster
-    on a busy machine); restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # -- independent per-architecture facts (from the Hugging Face sources) -------------
 @dataclass(frozen=True)
 class Ref:

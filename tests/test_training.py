@@ -27,16 +27,6 @@ SITE = (slice(None), -1)  # layer[0].resid_post[:, -1]
 MULTI = (slice(None), [1, 2, 3])  # three positions per example
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is faster than several (and far faster
-    on a busy machine); restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def planted() -> models.Planted:
     return models.planted()

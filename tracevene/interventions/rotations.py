@@ -201,7 +201,24 @@ class LowRankRotatedSpace(_Subspace):
         self.rotation = Rotation(start.contiguous(), _Stiefel())
 
 
-class BoundlessRotatedSpace(Intervention):
+class _Annealed(Intervention):
+    """Shared parts of the soft-mask interventions: a temperature buffer, input checks."""
+
+    d: int
+    temperature: Tensor
+
+    def set_temperature(self, value: float) -> None:
+        """Set the temperature (the trainer calls this on its schedule)."""
+        self.temperature.fill_(float(value))
+
+    def _check(self, base: Tensor, source: Tensor | None) -> Tensor:
+        source = need_source(self, source)
+        check_width(self, base, self.d)
+        check_width(self, source, self.d, "source")
+        return source
+
+
+class BoundlessRotatedSpace(_Annealed):
     """Boundless DAS: a learned rotation with a learned, soft boundary.
 
     Rotated dimension ``i`` (0-based) is taken from the source with weight
@@ -248,21 +265,15 @@ class BoundlessRotatedSpace(Intervention):
         b = self.d * torch.sigmoid(self.theta.float())
         return torch.sigmoid((b - i) / (self.temperature.float() * self.d))
 
-    def set_temperature(self, value: float) -> None:
-        """Set the temperature (the trainer calls this on its schedule)."""
-        self.temperature.fill_(float(value))
-
     def forward(
         self, base: Float[Tensor, "... d"], source: Float[Tensor, "... d"] | None = None
     ) -> Float[Tensor, "... d"]:
         """Mix ``base`` and ``source`` in the rotated basis through the boundary mask."""
-        source = need_source(self, source)
-        check_width(self, base, self.d)
-        check_width(self, source, self.d, "source")
+        source = self._check(base, source)
         return _swap(base, source, self.rotation.weight, self.mask())
 
 
-class SigmoidMask(Intervention):
+class SigmoidMask(_Annealed):
     """A learned soft mask over the site's own dimensions (no rotation).
 
     Dimension ``i`` is taken from the source with weight ``sigmoid(logit_i / T)``;
@@ -285,17 +296,11 @@ class SigmoidMask(Intervention):
         """The weight with which each dimension is taken from the source."""
         return torch.sigmoid(self.logits.float() / self.temperature.float())
 
-    def set_temperature(self, value: float) -> None:
-        """Set the temperature (the trainer calls this on its schedule)."""
-        self.temperature.fill_(float(value))
-
     def forward(
         self, base: Float[Tensor, "... d"], source: Float[Tensor, "... d"] | None = None
     ) -> Float[Tensor, "... d"]:
         """``base + mask * (source - base)``."""
-        source = need_source(self, source)
-        check_width(self, base, self.d)
-        check_width(self, source, self.d, "source")
+        source = self._check(base, source)
         dt = compute_dtype(base)
         mixed = base.to(dt) + self.mask().to(dt) * (source.to(dt) - base.to(dt))
         return mixed.to(base.dtype)
