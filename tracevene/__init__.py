@@ -1,6 +1,7 @@
 """tracevene: interventions on PyTorch models, recorded as programs, run on any backend."""
 
 from . import metrics as metrics
+from . import patching as patching
 from .backends.cache import SourceCache as SourceCache
 from .errors import (
     BackendError as BackendError,

@@ -1,0 +1,195 @@
+"""Activation patching sweeps, many experiments per forward pass.
+
+A sweep patches one cell at a time (a layer and a position, optionally one head) from
+one run into another and measures the effect with a metric. tracevene stacks many
+such experiments along the batch axis of one forward pass: each experiment is a copy
+of the patched run's batch, and each copy gets its own cell.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .model import Model, as_model
+from .tracing.tracer import trace
+
+Metric = Callable[[Tensor], Tensor]
+DIRECTIONS = ("denoise", "noise")
+
+
+@dataclass
+class PatchResult:
+    """The metric of every patched cell, with its axes named.
+
+    Attributes:
+        values: The metric per cell, e.g. ``[layer, pos]`` or ``[layer, pos, head]``.
+        axes: Names of the axes of ``values``.
+        site: The patched site (``"resid_pre"``, ``"attn.z"``, ...).
+        direction: ``"denoise"`` (clean values into the corrupted run) or ``"noise"``.
+    """
+
+    values: Tensor
+    axes: tuple[str, ...]
+    site: str
+    direction: str
+
+    def plot(self, path: str | Path | None = None, title: str | None = None) -> Any:
+        """A heatmap (layer x position; heads side by side); saved as PNG to ``path``."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        values = self.values if self.values.dim() == 2 else self.values.flatten(1)
+        fig, ax = plt.subplots(figsize=(1 + 0.5 * values.shape[1], 1 + 0.4 * values.shape[0]))
+        image = ax.imshow(values.float().numpy(), cmap="RdBu_r", aspect="auto")
+        ax.set_ylabel(self.axes[0])
+        ax.set_xlabel(" x ".join(self.axes[1:]))
+        ax.set_title(title or f"activation patching ({self.direction}): {self.site}")
+        fig.colorbar(image, ax=ax)
+        if path is not None:
+            fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        return fig
+
+
+def activation_patching(
+    model: Model | torch.nn.Module,
+    clean: Any,
+    corrupted: Any,
+    metric: Metric,
+    *,
+    site: str = "resid_pre",
+    heads: bool = False,
+    direction: str = "denoise",
+    experiments_per_pass: int = 16,
+    progress: bool = True,
+) -> PatchResult:
+    """Patch ``site`` at every layer and position (and head) and measure ``metric``.
+
+    With ``direction="denoise"`` each experiment runs the model on ``corrupted`` with
+    one cell taken from the clean run (TransformerLens's ``get_act_patch_*``); with
+    ``"noise"``, on ``clean`` with one cell from the corrupted run.
+
+    Args:
+        model: The model.
+        clean: Token ids ``[batch, pos]`` of the clean prompts (or a dict of tensors).
+        corrupted: The corrupted prompts, of the same shape.
+        metric: ``metric(logits) -> scalar`` for one experiment's logits
+            ``[batch, pos, vocab]`` (e.g. a normalised logit difference).
+        site: A per-layer site with a position axis: ``"resid_pre"``, ``"resid_mid"``,
+            ``"resid_post"``, ``"attn.out"``, ``"mlp.out"``; with ``heads=True`` a
+            per-head site: ``"z"``, ``"q"``, ``"k"``, ``"v"`` or ``"out"``.
+        heads: Patch one head at a time (axes ``[layer, pos, head]``).
+        direction: ``"denoise"`` or ``"noise"``.
+        experiments_per_pass: How many experiments share one forward pass.
+        progress: Show a progress bar over the passes.
+
+    Returns:
+        The metric of every cell.
+    """
+    model = as_model(model)
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction={direction!r}: choose 'denoise' or 'noise'")
+    if experiments_per_pass < 1:
+        raise ValueError(f"experiments_per_pass={experiments_per_pass} must be at least 1")
+    base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
+    names = _site_names(model, site, heads)
+    values = _read_all(model, source, names, site)
+    n_pos = next(iter(values.values())).shape[1]
+    cells = [(key, p) for key in names for p in range(n_pos)]
+    out = torch.empty(len(cells))
+    chunks = range(0, len(cells), experiments_per_pass)
+    for start in tqdm(chunks, desc=f"patching {site}", disable=not progress):
+        chunk = cells[start : start + experiments_per_pass]
+        out[start : start + len(chunk)] = _run_chunk(model, base, chunk, site, values, metric)
+    shape = (model.n_layers, model.n_heads, n_pos) if heads else (model.n_layers, n_pos)
+    result = out.reshape(shape)
+    if heads:  # [layer, pos, head], as TransformerLens's *_by_pos functions
+        result = result.permute(0, 2, 1)
+    axes = ("layer", "pos", "head") if heads else ("layer", "pos")
+    return PatchResult(result, axes, site, direction)
+
+
+def _site_names(model: Model, site: str, heads: bool) -> dict[tuple[int, ...], str]:
+    """Cell key (layer,) or (layer, head) -> canonical site name; checked on the model."""
+    if heads:
+        names = {
+            (layer, h): f"layer.{layer}.attn.head.{h}.{site}"
+            for layer in range(model.n_layers)
+            for h in range(model.n_heads)
+        }
+    else:
+        names = {(layer,): f"layer.{layer}.{site}" for layer in range(model.n_layers)}
+    for name in names.values():
+        model.check_site(name)
+    return names
+
+
+def _at(run: Any, key: tuple[int, ...], site: str) -> Any:
+    """The site value of cell ``key`` (``(layer,)`` or ``(layer, head)``) in ``run``."""
+    scope = run.layer[key[0]]
+    if len(key) == 2:
+        scope = scope.attn.head[key[1]]
+    for part in site.split("."):
+        scope = getattr(scope, part)
+    return scope
+
+
+def _read_all(model: Model, inputs: Any, names: Mapping[Any, str], site: str) -> dict[Any, Tensor]:
+    """Every cell's site value on ``inputs`` (one forward pass)."""
+    with trace(model) as t:
+        saved = {key: _at(t, key, site).save() for key in names}
+    result = t.program.run(model, inputs)
+    return {key: result[handle].detach() for key, handle in saved.items()}
+
+
+def _run_chunk(
+    model: Model,
+    base: Any,
+    chunk: list[tuple[Any, int]],
+    site: str,
+    values: Mapping[Any, Tensor],
+    metric: Metric,
+) -> Tensor:
+    """Run ``len(chunk)`` experiments as one pass; the metric of each."""
+    n = len(chunk)
+    inputs = _repeat(base, n)
+    batch = next(iter(values.values())).shape[0]
+    by_site: dict[Any, list[tuple[int, int]]] = {}
+    for e, (key, pos) in enumerate(chunk):
+        by_site.setdefault(key, []).append((e, pos))
+    with trace(model) as t:
+        for key, experiments in by_site.items():
+            rows = torch.cat([torch.arange(e * batch, (e + 1) * batch) for e, _ in experiments])
+            pos = torch.tensor([p for _, p in experiments]).repeat_interleave(batch)
+            value = torch.cat([values[key][:, p] for _, p in experiments])
+            _at(t, key, site)[rows, pos] = value
+    with torch.no_grad():
+        logits = _logits(t.program.run(model, inputs).output)
+        return torch.stack([
+            torch.as_tensor(metric(logits[e * batch : (e + 1) * batch])).float().cpu()
+            for e in range(n)
+        ])  # fmt: skip
+
+
+def _repeat(inputs: Any, n: int) -> Any:
+    if isinstance(inputs, Tensor):
+        return inputs.repeat(n, *([1] * (inputs.dim() - 1)))
+    if isinstance(inputs, Mapping):
+        return {k: _repeat(v, n) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+    raise TypeError(
+        f"activation_patching takes token ids (a tensor [batch, pos]) or a dict of "
+        f"tensors, got {type(inputs).__name__}"
+    )
+
+
+def _logits(output: Any) -> Tensor:
+    return output if isinstance(output, Tensor) else output.logits
