@@ -122,9 +122,7 @@ class Backend(ABC):
             return
         cache.misses += 1
         self.run_pass(model, p, calls, env)
-        inside = {n.id for nodes in p.events.values() for n in nodes}
-        later = [n for n in env.program.nodes if n.id not in inside]
-        cache.entries[key] = {i: compact(env.values[i]) for i in handed_on(p, later)}
+        cache.entries[key] = {i: compact(env.values[i]) for i in handed_on(p, env.program.nodes)}
 
 
 def run_mode(schedule: str, device: torch.device) -> str:

@@ -10,7 +10,7 @@ with the same inputs skips the pass.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -54,10 +54,10 @@ def pass_key(program_id: int, p: Pass, calls: list, args: Mapping[str, Any]) -> 
     return program_id, tuple(p.runs), digest.hexdigest()
 
 
-def handed_on(p: Pass, later: list[Node]) -> set[int]:
-    """Ids of the pass's nodes that nodes outside the pass refer to."""
-    inside = {n.id for nodes in p.events.values() for n in nodes}
-    return {r for n in later for r in n.refs() if r in inside}
+def handed_on(p: Pass, nodes: Sequence[Node]) -> set[int]:
+    """Ids of the pass's nodes that nodes outside the pass (of ``nodes``) refer to."""
+    inside = {n.id for events in p.events.values() for n in events}
+    return {r for n in nodes if n.id not in inside for r in n.refs() if r in inside}
 
 
 def compact(x: Any) -> Any:
