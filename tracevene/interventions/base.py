@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -170,3 +171,13 @@ def need_source(module: nn.Module, source: Tensor | None) -> Tensor:
 def compute_dtype(x: Tensor) -> torch.dtype:
     """float32 for half-precision activations (numerics of the mix), else ``x.dtype``."""
     return torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+
+
+def lookup_variable(module: nn.Module, variables: Mapping[str, Any], variable: str) -> Any:
+    """``variables[variable]``, or an error that lists the module's variables."""
+    if variable not in variables:
+        raise ValueError(
+            f"{type(module).__name__} has no variable {variable!r}; its variables: "
+            f"{', '.join(variables) or 'none (build it with variables={...})'}"
+        )
+    return variables[variable]

@@ -18,7 +18,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .base import Intervention, check_width, compute_dtype, need_source
+from .base import Intervention, check_width, compute_dtype, lookup_variable, need_source
 
 MAPS = ("cayley", "matrix_exp")
 
@@ -132,12 +132,7 @@ class _Subspace(Intervention):
     def _columns(self, variable: str | None) -> slice:
         if variable is None:
             return slice(0, self.k)
-        if variable not in self.slices:
-            raise ValueError(
-                f"{type(self).__name__} has no variable {variable!r}; its variables: "
-                f"{', '.join(self.slices) or 'none (build it with variables={name: size})'}"
-            )
-        return self.slices[variable]
+        return lookup_variable(self, self.slices, variable)
 
     def forward(
         self,

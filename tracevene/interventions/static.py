@@ -13,7 +13,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import ShapeError
-from .base import Intervention, need_source
+from .base import Intervention, lookup_variable, need_source
 
 
 class Zero(Intervention):
@@ -181,9 +181,4 @@ def _pick(
         if default is None and variables:
             return sorted(i for index in variables.values() for i in index)
         return default
-    if variable not in variables:
-        raise ValueError(
-            f"{type(module).__name__} has no variable {variable!r}; its variables: "
-            f"{', '.join(variables) or 'none (build it with variables={...})'}"
-        )
-    return variables[variable]
+    return lookup_variable(module, variables, variable)
