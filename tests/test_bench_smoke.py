@@ -105,3 +105,13 @@ def test_das_quick_runs_and_reports_ratios(tmp_path: Path) -> None:
     checks = figures["checks"]
     assert all(d < 1e-4 for d in checks["init_loss_abs_diff"].values()), checks
     assert checks["matrix_exp_pair_max_loss_diff_over_run"] < 1e-4, checks
+
+
+def test_patching_quick_runs_and_reports_the_ratio(tmp_path: Path) -> None:
+    text, figures = run_quick("patching.py", tmp_path)
+    assert "| variant | wall s | CPU s | x TransformerLens (wall) |" in text
+    assert "| tracevene |" in text and "| transformer_lens |" in text
+    assert "target: >= 5.0x" in text
+    for clock in ("wall", "cpu"):
+        assert figures[clock]["speedup"] > 0
+    assert figures["max_abs_diff"] < 1e-4  # the same sweep (correctness, not speed)
