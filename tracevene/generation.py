@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .backends.inputs import tokenize
 from .errors import BackendError, TraceveneError, closest
 from .ir.program import Program
 from .model import Model
@@ -202,15 +203,7 @@ def _check_model(model: Any) -> None:
 # -- inputs ---------------------------------------------------------------------------
 def _prompt(model: Model, prompt: Any) -> tuple[Tensor, Tensor | None]:
     """Token ids and attention mask (or ``None``) of the prompt, on the model's device."""
-    if isinstance(prompt, str) or (
-        isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt)
-    ):
-        if model.tokenizer is None:
-            raise ValueError(
-                "text prompts need a tokenizer: iv.wrap(model, tokenizer=tok), or pass "
-                "token ids (a LongTensor [batch, pos])."
-            )
-        prompt = dict(model.tokenizer(prompt, return_tensors="pt", padding=True))
+    prompt = tokenize(model, prompt, "prompts")
     if isinstance(prompt, Tensor):
         prompt = {"input_ids": prompt}
     if not isinstance(prompt, Mapping):

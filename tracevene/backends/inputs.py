@@ -13,13 +13,7 @@ Call = tuple[tuple, dict]
 def to_call(model: Any, inputs: Any, forward_kwargs: Mapping[str, Any]) -> Call:
     """``(args, kwargs)`` for ``model.module(...)`` from one run's inputs."""
     hf = model.resolver.arch is not None
-    if isinstance(inputs, (str, list)) and (isinstance(inputs, str) or _all_str(inputs)):
-        if model.tokenizer is None:
-            raise ValueError(
-                "text inputs need a tokenizer: iv.wrap(model, tokenizer=tok), or pass "
-                "token ids (a LongTensor [batch, pos])."
-            )
-        inputs = dict(model.tokenizer(inputs, return_tensors="pt", padding=True))
+    inputs = tokenize(model, inputs)
     if isinstance(inputs, Mapping):
         args, kwargs = (), dict(inputs)
     elif isinstance(inputs, torch.Tensor):
@@ -37,6 +31,18 @@ def to_call(model: Any, inputs: Any, forward_kwargs: Mapping[str, Any]) -> Call:
         kwargs.setdefault("use_cache", False)
     device = model.device
     return _to(args, device), {k: _to(v, device) for k, v in kwargs.items()}
+
+
+def tokenize(model: Any, inputs: Any, what: str = "inputs") -> Any:
+    """Text (``str`` / ``list[str]``) tokenised by the model's tokenizer; else ``inputs``."""
+    if not (isinstance(inputs, str) or (isinstance(inputs, list) and _all_str(inputs))):
+        return inputs
+    if model.tokenizer is None:
+        raise ValueError(
+            f"text {what} need a tokenizer: iv.wrap(model, tokenizer=tok), or pass "
+            "token ids (a LongTensor [batch, pos])."
+        )
+    return dict(model.tokenizer(inputs, return_tensors="pt", padding=True))
 
 
 def _all_str(x: list) -> bool:
