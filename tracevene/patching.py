@@ -101,10 +101,10 @@ def activation_patching(
     if experiments_per_pass < 1:
         raise ValueError(f"experiments_per_pass={experiments_per_pass} must be at least 1")
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
-    names = _site_names(model, site, heads)
-    values = _read_all(model, source, names, site)
+    keys = _cells(model, heads)
+    values = _read_all(model, source, keys, site)  # also checks the site names
     n_pos = next(iter(values.values())).shape[1]
-    cells = [(key, p) for key in names for p in range(n_pos)]
+    cells = [(key, p) for key in keys for p in range(n_pos)]
     out = torch.empty(len(cells))
     chunks = range(0, len(cells), experiments_per_pass)
     for start in tqdm(chunks, desc=f"patching {site}", disable=not progress):
@@ -118,19 +118,11 @@ def activation_patching(
     return PatchResult(result, axes, site, direction)
 
 
-def _site_names(model: Model, site: str, heads: bool) -> dict[tuple[int, ...], str]:
-    """Cell key (layer,) or (layer, head) -> canonical site name; checked on the model."""
+def _cells(model: Model, heads: bool) -> list[tuple[int, ...]]:
+    """Cell keys: ``(layer,)``, or ``(layer, head)`` with ``heads``."""
     if heads:
-        names = {
-            (layer, h): f"layer.{layer}.attn.head.{h}.{site}"
-            for layer in range(model.n_layers)
-            for h in range(model.n_heads)
-        }
-    else:
-        names = {(layer,): f"layer.{layer}.{site}" for layer in range(model.n_layers)}
-    for name in names.values():
-        model.check_site(name)
-    return names
+        return [(layer, h) for layer in range(model.n_layers) for h in range(model.n_heads)]
+    return [(layer,) for layer in range(model.n_layers)]
 
 
 def _at(run: Any, key: tuple[int, ...], site: str) -> Any:
@@ -143,10 +135,10 @@ def _at(run: Any, key: tuple[int, ...], site: str) -> Any:
     return scope
 
 
-def _read_all(model: Model, inputs: Any, names: Mapping[Any, str], site: str) -> dict[Any, Tensor]:
+def _read_all(model: Model, inputs: Any, keys: list, site: str) -> dict[Any, Tensor]:
     """Every cell's site value on ``inputs`` (one forward pass)."""
     with trace(model) as t:
-        saved = {key: _at(t, key, site).save() for key in names}
+        saved = {key: _at(t, key, site).save() for key in keys}
     result = t.program.run(model, inputs)
     return {key: result[handle].detach() for key, handle in saved.items()}
 
