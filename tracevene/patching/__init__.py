@@ -1,9 +1,21 @@
 """Patching experiments built on programs: many experiments per forward pass.
 
 - :func:`activation_patching`: patch one cell (layer, position, head) at a time.
+- :func:`path_patching`: a sender's effect along chosen paths only (Wang et al. 2023).
+- :func:`run_circuit` / :func:`head_means`: keep a circuit, mean-ablate other heads.
 """
 
 from .activation import activation_patching
+from .circuits import head_means, run_circuit
+from .paths import Head, Mlp, path_patching
 from .result import PatchResult
 
-__all__ = ["PatchResult", "activation_patching"]
+__all__ = [
+    "Head",
+    "Mlp",
+    "PatchResult",
+    "activation_patching",
+    "head_means",
+    "path_patching",
+    "run_circuit",
+]

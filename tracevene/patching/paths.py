@@ -1,0 +1,325 @@
+"""Path patching (Wang et al. 2023): a sender's effect along chosen paths only.
+
+The orig run is repeated with the senders' outputs taken from the new run while every
+other attention head is frozen at its orig value (MLPs are recomputed, as in the
+paper, unless ``freeze_mlps``); the receivers' inputs are read from that run. A second
+orig run with only the receivers' inputs replaced by those values measures the metric.
+So the senders reach the receivers through direct paths only (the residual stream),
+and the receivers reach the output through everything downstream of them.
+
+Two forms give the same numbers: ``"two_pass"`` (the two runs one after the other)
+and ``"single_pass"`` (both stacked along the batch axis of one forward pass; the
+second half's receivers copy the first half's values at the moment they are
+computed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..model import Model, as_model
+from ..tracing.tracer import trace
+from .activation import Metric, _logits, _repeat
+from .result import PatchResult
+
+Position = int | Tensor | None
+FORMS = ("two_pass", "single_pass")
+INPUTS = ("q", "k", "v")
+
+
+@dataclass(frozen=True, eq=False)
+class Head:
+    """An attention head as a sender (its output) or a receiver (its inputs).
+
+    Attributes:
+        layer: The head's layer.
+        head: The head's index in the layer.
+        input: As a receiver: ``"q"``, ``"k"`` or ``"v"`` to patch that input only;
+            ``None`` patches all three.
+        pos: Positions the node covers: an int, per-example positions (a LongTensor
+            ``[batch]``), or ``None`` for all positions.
+    """
+
+    layer: int
+    head: int
+    input: str | None = None
+    pos: Position = None
+
+    def __repr__(self) -> str:
+        name = f"Head({self.layer}.{self.head}" + (f".{self.input}" if self.input else "")
+        return name + ("" if self.pos is None else f", pos={_pos_repr(self.pos)}") + ")"
+
+
+@dataclass(frozen=True, eq=False)
+class Mlp:
+    """A layer's MLP as a sender (its output) or a receiver (its input).
+
+    Attributes:
+        layer: The MLP's layer.
+        pos: Positions, as for :class:`Head`.
+    """
+
+    layer: int
+    pos: Position = None
+
+    def __repr__(self) -> str:
+        return (
+            f"Mlp({self.layer}" + ("" if self.pos is None else f", pos={_pos_repr(self.pos)}") + ")"
+        )
+
+
+Node = Head | Mlp
+
+
+def path_patching(
+    model: Model | torch.nn.Module,
+    orig: Tensor,
+    new: Tensor,
+    metric: Metric,
+    senders: str | Sequence[Node | Sequence[Node]] = "heads",
+    receivers: str | Node | Sequence[Node] = "logits",
+    *,
+    freeze_mlps: bool = False,
+    form: str = "two_pass",
+    experiments_per_pass: int = 16,
+    progress: bool = True,
+) -> PatchResult:
+    """Measure ``metric`` with each sender set patched along its paths to ``receivers``.
+
+    Args:
+        model: The model.
+        orig: Token ids ``[batch, pos]`` of the prompts the model runs on.
+        new: Token ids of the same shape: where the senders' values come from.
+        metric: ``metric(logits) -> scalar`` for one experiment's logits
+            ``[batch, pos, vocab]``.
+        senders: ``"heads"`` (every head alone; values ``[layer, head]``) or a list of
+            sender sets, each a :class:`Head` / :class:`Mlp` or a list of them (values
+            ``[n_sets]``).
+        receivers: ``"logits"`` (the senders' direct effect on the output), or a
+            :class:`Head` / :class:`Mlp` or a list of them, which receive together.
+        freeze_mlps: Also freeze the MLPs that are not senders or receivers (the paper
+            recomputes them).
+        form: ``"two_pass"`` or ``"single_pass"``.
+        experiments_per_pass: How many sender sets share one forward pass.
+        progress: Show a progress bar.
+
+    Returns:
+        The metric of every patched run.
+    """
+    model = as_model(model)
+    sets, shape, axes = _sender_sets(model, senders)
+    targets = _receivers(model, receivers)
+    if form not in FORMS:
+        raise ValueError(f"form={form!r}: choose 'two_pass' or 'single_pass'")
+    if experiments_per_pass < 1:
+        raise ValueError(f"experiments_per_pass={experiments_per_pass} must be at least 1")
+    if tuple(orig.shape) != tuple(new.shape):
+        raise ValueError(
+            f"orig and new must have the same shape; got {tuple(orig.shape)} and "
+            f"{tuple(new.shape)}. Pad the prompts to one length."
+        )
+    caches = (_components(model, orig), _components(model, new))
+    out = torch.empty(len(sets))
+    chunks = range(0, len(sets), experiments_per_pass)
+    for start in tqdm(chunks, desc="path patching", disable=not progress):
+        chunk = sets[start : start + experiments_per_pass]
+        run = _single_pass if form == "single_pass" else _two_pass
+        logits = run(model, orig, chunk, targets, caches, freeze_mlps)
+        batch = orig.shape[0]
+        out[start : start + len(chunk)] = torch.stack([
+            torch.as_tensor(metric(logits[e * batch : (e + 1) * batch])).detach().float().cpu()
+            for e in range(len(chunk))
+        ])  # fmt: skip
+    return PatchResult(out.reshape(shape), axes, "path", "noise")
+
+
+# -- arguments ----------------------------------------------------------------------------
+def _sender_sets(model: Model, senders: Any) -> tuple[list[list[Node]], tuple, tuple]:
+    """Sender sets as lists of nodes, and the result's shape and axis names."""
+    if isinstance(senders, str):
+        if senders != "heads":
+            raise ValueError(
+                f"senders={senders!r}: give 'heads' (every head alone) or a list of sender "
+                "sets such as [Head(0, 1), [Head(1, 0), Mlp(1)]]"
+            )
+        sets = [[Head(lay, h)] for lay in range(model.n_layers) for h in range(model.n_heads)]
+        return sets, (model.n_layers, model.n_heads), ("layer", "head")
+    sets = [_nodes(model, s, "sender") for s in senders]
+    if not sets:
+        raise ValueError("senders is empty: give 'heads' or at least one sender set")
+    for nodes in sets:
+        for node in nodes:
+            if isinstance(node, Head) and node.input is not None:
+                raise ValueError(
+                    f"sender {node!r} names an input ({node.input!r}); a sender is a head's "
+                    f"output: use Head({node.layer}, {node.head})"
+                )
+    return sets, (len(sets),), ("sender",)
+
+
+def _receivers(model: Model, receivers: Any) -> list[Node]:
+    """The receiver nodes; ``[]`` for the logits."""
+    if isinstance(receivers, str):
+        if receivers != "logits":
+            raise ValueError(
+                f"receivers={receivers!r}: give 'logits' or Head / Mlp nodes, e.g. Head(1, 0, 'k')"
+            )
+        return []
+    return _nodes(model, receivers, "receiver")
+
+
+def _nodes(model: Model, nodes: Any, role: str) -> list[Node]:
+    nodes = [nodes] if isinstance(nodes, Head | Mlp) else list(nodes)
+    for node in nodes:
+        if not isinstance(node, Head | Mlp):
+            raise TypeError(
+                f"a {role} must be a Head(layer, head) or an Mlp(layer); got "
+                f"{type(node).__name__} {node!r}"
+            )
+        if not 0 <= node.layer < model.n_layers:
+            raise ValueError(f"{role} {node!r}: layer must be in 0..{model.n_layers - 1}")
+        if isinstance(node, Head):
+            if not 0 <= node.head < model.n_heads:
+                raise ValueError(f"{role} {node!r}: head must be in 0..{model.n_heads - 1}")
+            if node.input not in (None, *INPUTS):
+                raise ValueError(
+                    f"{role} {node!r}: input must be 'q', 'k', 'v' or None (all three)"
+                )
+    return nodes
+
+
+# -- the runs -----------------------------------------------------------------------------
+def _components(model: Model, inputs: Tensor) -> dict[str, list[Tensor]]:
+    """Every layer's per-head ``z`` and MLP output on ``inputs`` (one forward pass)."""
+    with trace(model) as t:
+        z = [t.layer[i].attn.z.save() for i in range(model.n_layers)]
+        mlp = [t.layer[i].mlp.out.save() for i in range(model.n_layers)]
+    with torch.no_grad():
+        result = t.program.run(model, inputs)
+    return {"z": [result[s].detach() for s in z], "mlp": [result[s].detach() for s in mlp]}
+
+
+def _frozen(
+    model: Model, chunk: list[list[Node]], targets: list[Node], caches: tuple, freeze_mlps: bool
+) -> tuple[list[Tensor], dict[int, Tensor]]:
+    """The first run's writes: per-layer ``z`` and the MLP outputs to set, batched."""
+    orig, new = caches
+    n = len(chunk)
+    batch = orig["z"][0].shape[0]
+    z = [orig["z"][i].repeat(n, 1, 1, 1) for i in range(model.n_layers)]
+    mlp: dict[int, Tensor] = {}
+    if freeze_mlps:
+        skip = {node.layer for node in targets if isinstance(node, Mlp)}
+        mlp = {i: orig["mlp"][i].repeat(n, 1, 1) for i in range(model.n_layers) if i not in skip}
+    for e, nodes in enumerate(chunk):
+        for node in nodes:
+            rows, pos = _index(e, batch, node.pos)
+            if isinstance(node, Head):
+                z[node.layer][rows, pos, node.head] = new["z"][node.layer][
+                    _rows0(batch), pos, node.head
+                ]
+            else:
+                mlp.setdefault(node.layer, orig["mlp"][node.layer].repeat(n, 1, 1))
+                mlp[node.layer][rows, pos] = new["mlp"][node.layer][_rows0(batch), pos]
+    return z, mlp
+
+
+def _write_frozen(
+    run: Any, z: list[Tensor], mlp: dict[int, Tensor], targets: list[Node], rows: Any
+):
+    """Write the frozen components into ``run`` (rows ``rows``), leaving receivers free."""
+    free = {(n.layer, n.head) for n in targets if isinstance(n, Head) and n.input is None}
+    for layer, value in enumerate(z):
+        heads = [h for h in range(value.shape[2]) if (layer, h) not in free]
+        if len(heads) == value.shape[2]:
+            run.layer[layer].attn.z[rows] = value
+        else:
+            for h in heads:
+                run.layer[layer].attn.head[h].z[rows] = value[:, :, h]
+    for layer, value in mlp.items():
+        run.layer[layer].mlp.out[rows] = value
+
+
+def _site(run: Any, node: Node) -> Any:
+    """The receiver's input site in ``run`` (an MLP's or a head's output stands for it)."""
+    if isinstance(node, Mlp):
+        return run.layer[node.layer].mlp.out
+    return getattr(run.layer[node.layer].attn.head[node.head], node.input or "z")
+
+
+def _two_pass(model, orig, chunk, targets, caches, freeze_mlps) -> Tensor:
+    n, batch = len(chunk), orig.shape[0]
+    z, mlp = _frozen(model, chunk, targets, caches, freeze_mlps)
+    with trace(model) as t:
+        saved = [_site(t, node).save() for node in targets]
+        _write_frozen(t, z, mlp, targets, slice(None))
+        logits = t.logits.save()
+    inputs = _repeat(orig, n)
+    with torch.no_grad():
+        first = t.program.run(model, inputs)
+    if not targets:
+        return first[logits]
+    with trace(model) as t:
+        for node, handle in zip(targets, saved, strict=True):
+            rows, pos = _all_rows(n, batch, node.pos)
+            _site(t, node)[rows, pos] = first[handle][rows, pos]
+    with torch.no_grad():
+        return _logits(t.program.run(model, inputs).output)
+
+
+def _single_pass(model, orig, chunk, targets, caches, freeze_mlps) -> Tensor:
+    n, batch = len(chunk), orig.shape[0]
+    z, mlp = _frozen(model, chunk, targets, caches, freeze_mlps)
+    half = n * batch
+    with trace(model) as t:
+        for node in targets:
+            rows, pos = _all_rows(n, batch, node.pos)
+            _site(t, node)[rows + half, pos] = _site(t, node)[rows, pos]
+        _write_frozen(t, z, mlp, targets, slice(0, half))
+    with torch.no_grad():
+        logits = _logits(t.program.run(model, _repeat(orig, 2 * n)).output)
+    return logits[half:] if targets else logits[:half]
+
+
+# -- rows and positions -------------------------------------------------------------------
+def _rows0(batch: int) -> Tensor:
+    return torch.arange(batch)
+
+
+def _index(e: int, batch: int, pos: Position) -> tuple[Any, Any]:
+    """Row and position indices of experiment ``e``'s copy of the batch."""
+    rows = torch.arange(e * batch, (e + 1) * batch)
+    return rows, _positions(pos, batch)
+
+
+def _all_rows(n: int, batch: int, pos: Position) -> tuple[Tensor, Any]:
+    """Rows of all ``n`` experiments and their positions (as broadcastable indices)."""
+    rows = torch.arange(n * batch)
+    positions = _positions(pos, batch)
+    if isinstance(positions, Tensor):
+        return rows, positions.repeat(n)
+    return rows, positions
+
+
+def _positions(pos: Position, batch: int) -> Any:
+    if pos is None:
+        return slice(None)
+    if isinstance(pos, int):
+        return torch.full((batch,), pos)
+    pos = torch.as_tensor(pos).long()
+    if pos.shape != (batch,):
+        raise ValueError(
+            f"per-example positions must be a LongTensor [batch] = [{batch}]; got shape "
+            f"{tuple(pos.shape)}"
+        )
+    return pos
+
+
+def _pos_repr(pos: Position) -> str:
+    return str(pos) if isinstance(pos, int) else f"tensor{tuple(pos.shape)}"
