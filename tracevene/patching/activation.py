@@ -4,11 +4,18 @@ A sweep patches one cell at a time (a layer and a position, optionally one head)
 one run into another and measures the effect with a metric. tracevene stacks many
 such experiments along the batch axis of one forward pass: each experiment is a copy
 of the patched run's batch, and each copy gets its own cell.
+
+In a causal language model, patching position ``p`` leaves every position before
+``p`` as it was, so the experiments that patch ``p`` share one pass that starts at
+``p``: the keys and values of the positions before it come from the unpatched run's
+KV cache, and so do their logits.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -68,11 +75,12 @@ def activation_patching(
     values = _read_all(model, source, keys, site)  # also checks the site names
     n_pos = next(iter(values.values())).shape[1]
     cells = [(key, p) for key in keys for p in range(n_pos)]
+    prefix = _Prefix.of(model, base)
     out = torch.empty(len(cells))
-    chunks = range(0, len(cells), experiments_per_pass)
-    for start in tqdm(chunks, desc=f"patching {site}", disable=not progress):
-        chunk = cells[start : start + experiments_per_pass]
-        out[start : start + len(chunk)] = _run_chunk(model, base, chunk, site, values, metric)
+    chunks = _chunks(cells, experiments_per_pass, by_position=prefix is not None)
+    for chunk in tqdm(chunks, desc=f"patching {site}", disable=not progress):
+        todo = [cells[i] for i in chunk]
+        out[chunk] = _run_chunk(model, base, todo, site, values, metric, prefix)
     shape = (model.n_layers, model.n_heads, n_pos) if heads else (model.n_layers, n_pos)
     result = out.reshape(shape)
     if heads:  # [layer, pos, head], as TransformerLens's *_by_pos functions
@@ -106,6 +114,59 @@ def _read_all(model: Model, inputs: Any, keys: list, site: str) -> dict[Any, Ten
     return {key: result[handle].detach() for key, handle in saved.items()}
 
 
+def _chunks(cells: list, size: int, by_position: bool) -> list[Tensor]:
+    """Indices of the cells each pass runs; one position per pass if ``by_position``."""
+    order = (
+        sorted(range(len(cells)), key=lambda i: cells[i][1]) if by_position else range(len(cells))
+    )
+    chunks: list[list[int]] = []
+    for i in order:
+        full = chunks and len(chunks[-1]) == size
+        if not chunks or full or (by_position and cells[chunks[-1][0]][1] != cells[i][1]):
+            chunks.append([])
+        chunks[-1].append(i)
+    return [torch.tensor(c) for c in chunks]
+
+
+@dataclass
+class _Prefix:
+    """The unpatched run's KV cache and logits, so passes can start at a later position."""
+
+    ids: Tensor
+    logits: Tensor
+    cache: Any
+
+    @classmethod
+    def of(cls, model: Model, base: Any) -> _Prefix | None:
+        """The prefix of ``base`` (token ids); ``None`` where it cannot be reused.
+
+        Only for a Hugging Face causal LM (one that can generate) called on token ids:
+        in an encoder every position sees every other, so nothing can be reused.
+        """
+        bridged = model.backend.name == "transformer_lens"
+        hf = model.resolver.hf_module if bridged else model.module
+        if not isinstance(base, Tensor) or hf is None or model.resolver.arch is None:
+            return None
+        if not (callable(getattr(hf, "can_generate", None)) and hf.can_generate()):
+            return None
+        with trace(model) as t:
+            t.logits.save()
+        with torch.no_grad():
+            output = t.program.run(model, {"input_ids": base, "use_cache": True}).output
+        cache = getattr(output, "past_key_values", None)
+        if cache is None or not hasattr(cache, "batch_select_indices"):
+            return None
+        return cls(base, _logits(output).detach(), cache)
+
+    def inputs(self, start: int, n: int) -> dict[str, Any]:
+        """Forward arguments for ``n`` copies of the batch, from position ``start`` on."""
+        cache = copy.deepcopy(self.cache)
+        cache.crop(start - self.ids.shape[1])  # a negative count: tokens to drop
+        cache.batch_select_indices(torch.arange(self.ids.shape[0]).repeat(n))
+        ids = self.ids[:, start:].repeat(n, 1)
+        return {"input_ids": ids, "past_key_values": cache, "use_cache": True}
+
+
 def _run_chunk(
     model: Model,
     base: Any,
@@ -113,10 +174,15 @@ def _run_chunk(
     site: str,
     values: Mapping[Any, Tensor],
     metric: Metric,
+    prefix: _Prefix | None,
 ) -> Tensor:
-    """Run ``len(chunk)`` experiments as one pass; the metric of each."""
+    """Run ``len(chunk)`` experiments as one pass; the metric of each.
+
+    With ``prefix``, all experiments patch one position and the pass starts there.
+    """
     n = len(chunk)
-    inputs = _repeat(base, n)
+    start = chunk[0][1] if prefix is not None else 0
+    inputs = prefix.inputs(start, n) if start > 0 else _repeat(base, n)
     batch = next(iter(values.values())).shape[0]
     by_site: dict[Any, list[tuple[int, int]]] = {}
     for e, (key, pos) in enumerate(chunk):
@@ -124,11 +190,13 @@ def _run_chunk(
     with trace(model) as t:
         for key, experiments in by_site.items():
             rows = torch.cat([torch.arange(e * batch, (e + 1) * batch) for e, _ in experiments])
-            pos = torch.tensor([p for _, p in experiments]).repeat_interleave(batch)
+            pos = torch.tensor([p - start for _, p in experiments]).repeat_interleave(batch)
             value = torch.cat([values[key][:, p] for _, p in experiments])
             _at(t, key, site)[rows, pos] = value
     with torch.no_grad():
         logits = _logits(t.program.run(model, inputs).output)
+        if start > 0:  # the positions before the patch, as in the unpatched run
+            logits = torch.cat([prefix.logits[:, :start].repeat(n, 1, 1), logits], dim=1)
         return torch.stack([
             torch.as_tensor(metric(logits[e * batch : (e + 1) * batch])).float().cpu()
             for e in range(n)
