@@ -102,3 +102,35 @@ def test_bad_arguments_are_named(setup):
         activation_patching(model, clean, corrupted, _metric, experiments_per_pass=0)
     with pytest.raises(iv.SiteError):
         activation_patching(model, clean, corrupted, _metric, site="resid_preee")
+
+
+def test_key_and_value_heads_of_grouped_query_attention():
+    hf = models.llama()  # 4 query heads, 2 key/value heads
+    model = iv.wrap(hf, backend="torch")
+    clean, corrupted = models.tokens(), models.tokens(seed=2)
+    got = activation_patching(
+        model, clean, corrupted, _metric, site="k", heads=True, progress=False
+    )
+    assert got.values.shape == (hf.config.num_hidden_layers, clean.shape[1], 2)
+    layer, pos, head = 1, 3, 1
+    with iv.trace(model, clean) as t:
+        k = t.layer[layer].attn.head[head].k[:, pos].save()
+    with iv.trace(model, corrupted) as t:
+        t.layer[layer].attn.head[head].k[:, pos] = k.value
+        logits = t.logits.save()
+    assert float(got.values[layer, pos, head]) == pytest.approx(
+        float(_metric(logits.value)), abs=1e-5
+    )
+
+
+def test_plots_are_titled_by_method(setup, tmp_path):
+    hf, clean, corrupted, _, _ = setup
+    result = activation_patching(hf, clean, corrupted, _metric, progress=False)
+    assert (
+        result.plot(tmp_path / "a.png").axes[0].get_title()
+        == "activation patching (denoise): resid_pre"
+    )
+    bars = iv.patching.PatchResult(torch.tensor([1.0, -2.0]), ("sender",), "path", "noise",
+                                   "path patching")  # fmt: skip
+    assert bars.plot(tmp_path / "b.png").axes[0].get_title() == "path patching (noise): path"
+    assert (tmp_path / "b.png").stat().st_size > 0

@@ -40,6 +40,11 @@ class Model:
         return self.resolver.n_heads
 
     @property
+    def n_kv_heads(self) -> int | None:
+        """Key/value heads per layer (fewer than ``n_heads`` with grouped-query attention)."""
+        return self.resolver.n_kv_heads
+
+    @property
     def d_model(self) -> int | None:
         """Width of the residual stream."""
         return self.resolver.d_model

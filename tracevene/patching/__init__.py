@@ -1,11 +1,13 @@
 """Patching experiments built on programs: many experiments per forward pass.
 
 - :func:`activation_patching`: patch one cell (layer, position, head) at a time.
+- :func:`attribution_patching`: its linear approximation, every cell at once.
 - :func:`path_patching`: a sender's effect along chosen paths only (Wang et al. 2023).
 - :func:`run_circuit` / :func:`head_means`: keep a circuit, mean-ablate other heads.
 """
 
 from .activation import activation_patching
+from .attribution import attribution_patching
 from .circuits import head_means, run_circuit
 from .paths import Head, Mlp, path_patching
 from .result import PatchResult
@@ -15,6 +17,7 @@ __all__ = [
     "Mlp",
     "PatchResult",
     "activation_patching",
+    "attribution_patching",
     "head_means",
     "path_patching",
     "run_circuit",

@@ -71,7 +71,8 @@ def activation_patching(
     if experiments_per_pass < 1:
         raise ValueError(f"experiments_per_pass={experiments_per_pass} must be at least 1")
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
-    keys = _cells(model, heads)
+    n_heads = model.n_kv_heads if heads and site in ("k", "v") else model.n_heads
+    keys = _cells(model.n_layers, n_heads if heads else 0)
     values = _read_all(model, source, keys, site)  # also checks the site names
     n_pos = next(iter(values.values())).shape[1]
     cells = [(key, p) for key in keys for p in range(n_pos)]
@@ -81,7 +82,7 @@ def activation_patching(
     for chunk in tqdm(chunks, desc=f"patching {site}", disable=not progress):
         todo = [cells[i] for i in chunk]
         out[chunk] = _run_chunk(model, base, todo, site, values, metric, prefix)
-    shape = (model.n_layers, model.n_heads, n_pos) if heads else (model.n_layers, n_pos)
+    shape = (model.n_layers, n_heads, n_pos) if heads else (model.n_layers, n_pos)
     result = out.reshape(shape)
     if heads:  # [layer, pos, head], as TransformerLens's *_by_pos functions
         result = result.permute(0, 2, 1)
@@ -89,11 +90,11 @@ def activation_patching(
     return PatchResult(result, axes, site, direction)
 
 
-def _cells(model: Model, heads: bool) -> list[tuple[int, ...]]:
-    """Cell keys: ``(layer,)``, or ``(layer, head)`` with ``heads``."""
-    if heads:
-        return [(layer, h) for layer in range(model.n_layers) for h in range(model.n_heads)]
-    return [(layer,) for layer in range(model.n_layers)]
+def _cells(n_layers: int, n_heads: int) -> list[tuple[int, ...]]:
+    """Cell keys: ``(layer,)``, or ``(layer, head)`` when ``n_heads`` > 0."""
+    if n_heads:
+        return [(layer, h) for layer in range(n_layers) for h in range(n_heads)]
+    return [(layer,) for layer in range(n_layers)]
 
 
 def _at(run: Any, key: tuple[int, ...], site: str) -> Any:

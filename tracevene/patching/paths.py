@@ -136,7 +136,7 @@ def path_patching(
             torch.as_tensor(metric(logits[e * batch : (e + 1) * batch])).detach().float().cpu()
             for e in range(len(chunk))
         ])  # fmt: skip
-    return PatchResult(out.reshape(shape), axes, "path", "noise")
+    return PatchResult(out.reshape(shape), axes, "path", "noise", "path patching")
 
 
 # -- arguments ----------------------------------------------------------------------------

@@ -18,27 +18,39 @@ class PatchResult:
         axes: Names of the axes of ``values``.
         site: The patched site (``"resid_pre"``, ``"attn.z"``, ...).
         direction: ``"denoise"`` (clean values into the corrupted run) or ``"noise"``.
+        method: What measured it (``"activation patching"``, ``"path patching"``, ...).
     """
 
     values: Tensor
     axes: tuple[str, ...]
     site: str
     direction: str
+    method: str = "activation patching"
 
     def plot(self, path: str | Path | None = None, title: str | None = None) -> Any:
-        """A heatmap (layer x position; heads side by side); saved as PNG to ``path``."""
+        """A heatmap (layer x position; heads side by side), or bars for a 1-D result.
+
+        Saved as PNG to ``path`` when given; returns the matplotlib figure.
+        """
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        values = self.values if self.values.dim() == 2 else self.values.flatten(1)
-        fig, ax = plt.subplots(figsize=(1 + 0.5 * values.shape[1], 1 + 0.4 * values.shape[0]))
-        image = ax.imshow(values.float().numpy(), cmap="RdBu_r", aspect="auto")
-        ax.set_ylabel(self.axes[0])
-        ax.set_xlabel(" x ".join(self.axes[1:]))
-        ax.set_title(title or f"activation patching ({self.direction}): {self.site}")
-        fig.colorbar(image, ax=ax)
+        values = self.values.detach().float().cpu()
+        if values.dim() == 1:
+            fig, ax = plt.subplots(figsize=(1 + 0.5 * len(values), 3))
+            ax.bar(range(len(values)), values.numpy())
+            ax.set_xlabel(self.axes[0])
+        else:
+            values = values if values.dim() == 2 else values.flatten(1)
+            size = (1 + 0.5 * values.shape[1], 1 + 0.4 * values.shape[0])
+            fig, ax = plt.subplots(figsize=size)
+            image = ax.imshow(values.numpy(), cmap="RdBu_r", aspect="auto")
+            ax.set_ylabel(self.axes[0])
+            ax.set_xlabel(" x ".join(self.axes[1:]))
+            fig.colorbar(image, ax=ax)
+        ax.set_title(title or f"{self.method} ({self.direction}): {self.site}")
         if path is not None:
             fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
