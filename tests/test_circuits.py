@@ -22,6 +22,7 @@ def _reference(hf, inputs, keep, reference, groups) -> torch.Tensor:
     dh = d // n_heads
     blocks = hf.transformer.h
     z = {}
+
     def keep_z(i):
         return lambda module, args: z.__setitem__(i, args[0].detach())
 
@@ -65,6 +66,22 @@ def test_equals_mean_ablation_by_plain_hooks(backend):
     assert torch.allclose(got, expected, atol=1e-5)
     with torch.no_grad():
         assert (got - hf(inputs).logits).abs().max() > 1e-2  # the ablation did something
+
+
+def test_precomputed_means_give_the_same_logits():
+    hf = models.gpt2(initializer_range=0.3)
+    inputs, reference = _ids(0, 4), _ids(1, 6)
+    in_groups, ref_groups = torch.tensor([0, 1, 1, 0]), torch.tensor([0, 0, 1, 1, 1, 0])
+    keep = {(0, 1), (2, 3)}
+    means = head_means(hf, reference, ref_groups)
+    once = run_circuit(hf, inputs, keep, means, groups=in_groups)
+    assert torch.equal(
+        once, run_circuit(hf, inputs, keep, reference, groups=(in_groups, ref_groups))
+    )
+    with pytest.raises(ValueError, match="input group 2 has no reference prompts"):
+        run_circuit(
+            hf, inputs, keep, head_means(hf, reference, ref_groups * 2), groups=in_groups * 2
+        )
 
 
 def test_keeping_every_head_changes_nothing():

@@ -8,7 +8,7 @@ Heads inside the circuit, MLPs, embeddings and LayerNorms run normally.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -32,7 +32,8 @@ def head_means(
         groups: Group id of each reference prompt (``[n]``); ``None`` puts all in one.
 
     Returns:
-        One tensor per layer, ``[n_groups, pos, head, d_head]`` (group ids index it).
+        One tensor per layer, ``[n_groups, pos, head, d_head]`` (group ids index it; a
+        group id without prompts gets NaN).
     """
     model = as_model(model)
     groups = _groups(groups, reference.shape[0], "reference")
@@ -41,7 +42,7 @@ def head_means(
     with torch.no_grad():
         result = t.program.run(model, reference)
     n_groups = int(groups.max()) + 1
-    counts = torch.bincount(groups, minlength=n_groups).clamp(min=1)
+    counts = torch.bincount(groups, minlength=n_groups)  # an empty group's mean is NaN
     means = []
     for handle in saved:
         z = result[handle].detach()
@@ -55,9 +56,9 @@ def run_circuit(
     model: Model | torch.nn.Module,
     inputs: Tensor,
     keep: Iterable[HeadKey],
-    reference: Tensor,
+    reference: Tensor | Sequence[Tensor],
     *,
-    groups: tuple[Tensor, Tensor] | None = None,
+    groups: Tensor | tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Logits of ``model`` on ``inputs`` with every head outside ``keep`` mean-ablated.
 
@@ -65,26 +66,26 @@ def run_circuit(
         model: The model.
         inputs: Token ids ``[batch, pos]``.
         keep: The circuit's heads, as ``(layer, head)`` pairs.
-        reference: Token ids ``[n, pos]`` whose mean ``z`` replaces ablated heads.
-        groups: ``(input_groups [batch], reference_groups [n])``: each input prompt is
-            ablated with the mean over the reference prompts of its group.
+        reference: Token ids ``[n, pos]`` whose mean ``z`` replaces ablated heads, or
+            the means themselves (what :func:`head_means` returns: compute them once
+            to evaluate many circuits).
+        groups: With token ids as ``reference``: ``(input_groups [batch],
+            reference_groups [n])``, so each input prompt is ablated with the mean over
+            the reference prompts of its group. With means: ``input_groups`` only.
 
     Returns:
         The logits ``[batch, pos, vocab]``.
     """
     model = as_model(model)
-    keep = {(int(layer), int(head)) for layer, head in keep}
-    for layer, head in keep:
-        if not (0 <= layer < model.n_layers and 0 <= head < model.n_heads):
-            raise ValueError(
-                f"head ({layer}, {head}) is not in the model: layers 0..{model.n_layers - 1}, "
-                f"heads 0..{model.n_heads - 1}"
-            )
-    input_groups, reference_groups = groups if groups is not None else (None, None)
-    means = head_means(model, reference, reference_groups)
+    keep = _keep(model, keep)
+    if isinstance(reference, Tensor):
+        input_groups, reference_groups = groups if groups is not None else (None, None)
+        means = head_means(model, reference, reference_groups)
+    else:
+        input_groups, means = groups, list(reference)
     rows = _groups(input_groups, inputs.shape[0], "inputs")
-    present = set(_groups(reference_groups, reference.shape[0], "reference").tolist())
-    missing = sorted(set(rows.tolist()) - present)
+    n_groups = means[0].shape[0]
+    missing = sorted(g for g in set(rows.tolist()) if g >= n_groups or means[0][g].isnan().any())
     if missing:
         raise ValueError(
             f"input group {missing[0]} has no reference prompts to average over; give every "
@@ -101,6 +102,17 @@ def run_circuit(
                     t.layer[layer].attn.head[h].z = value[:, :, h]
     with torch.no_grad():
         return _logits(t.program.run(model, inputs).output)
+
+
+def _keep(model: Model, keep: Iterable[HeadKey]) -> set[HeadKey]:
+    keep = {(int(layer), int(head)) for layer, head in keep}
+    for layer, head in keep:
+        if not (0 <= layer < model.n_layers and 0 <= head < model.n_heads):
+            raise ValueError(
+                f"head ({layer}, {head}) is not in the model: layers 0..{model.n_layers - 1}, "
+                f"heads 0..{model.n_heads - 1}"
+            )
+    return keep
 
 
 def _groups(groups: Any, n: int, what: str) -> Tensor:

@@ -46,7 +46,11 @@ class PatchResult:
             values = values if values.dim() == 2 else values.flatten(1)
             size = (1 + 0.5 * values.shape[1], 1 + 0.4 * values.shape[0])
             fig, ax = plt.subplots(figsize=size)
-            image = ax.imshow(values.numpy(), cmap="RdBu_r", aspect="auto")
+            m = float(values.abs().max()) or 1.0  # white at 0, symmetric colours
+            image = ax.imshow(values.numpy(), cmap="RdBu_r", aspect="auto", vmin=-m, vmax=m)
+            ax.set_yticks(range(values.shape[0]))
+            if values.shape[1] <= 40:
+                ax.set_xticks(range(values.shape[1]))
             ax.set_ylabel(self.axes[0])
             ax.set_xlabel(" x ".join(self.axes[1:]))
             fig.colorbar(image, ax=ax)
