@@ -23,12 +23,15 @@ MODELS = ROOT / "models"  # the bundled checkpoints, each with the script that m
 BACKENDS = ("torch", "nnsight", "transformer_lens")
 
 
-def parser(description: str, default_model: str | None) -> argparse.ArgumentParser:
+def parser(
+    description: str, default_model: str | None, model_help: str | None = None
+) -> argparse.ArgumentParser:
     """An argument parser with the options every recipe takes.
 
     Args:
         description: The recipe's docstring (shown by ``--help``).
         default_model: The bundled model used when ``--model`` is not given.
+        model_help: ``--model``'s help text, for recipes whose model is not a causal LM.
     """
     p = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -37,7 +40,8 @@ def parser(description: str, default_model: str | None) -> argparse.ArgumentPars
     p.add_argument(
         "--model",
         default=default_model,
-        help="a Hugging Face causal LM: a local directory or a hub id "
+        help=model_help
+        or "a Hugging Face causal LM: a local directory or a hub id "
         f"(default: the bundled {default_model})",
     )
     p.add_argument("--backend", choices=BACKENDS, default="torch", help="default: torch")
