@@ -1,0 +1,344 @@
+"""Causal tracing (Meng et al. 2022, ROME) on IOI: where is the answer's name recalled?
+
+Method. Three runs of each clean IOI prompt ("When Mary and John went to the store,
+John gave a drink to" -> Mary):
+
+1. clean: the prompt as it is; p_clean = p(IO | prompt) at END.
+2. corrupted: Gaussian noise is added to the embeddings (the ``embed`` site, token +
+   position) of the *subject tokens*; p_corrupted drops.
+3. restored: the corrupted run, with the clean hidden state put back at one site,
+   layer and position; p_restored shows how much of the answer that one state
+   carries (ROME's indirect effect is p_restored - p_corrupted).
+
+Which tokens are the subject. In ROME the subject ("The Eiffel Tower") is the entity
+whose fact the model recalls, and the answer ("Paris") is not in the prompt. In IOI
+the "fact" to recall is which name is the indirect object, and it can only be read
+off the names: the IO token holds the answer itself and the S tokens say which name
+is not the answer. So by default (``--subject names``) the noise covers all three
+name tokens, IO, S1 and S2, and nothing else: without them the prompt says nothing
+about the answer. ``--subject io`` noises the IO token only (the answer's own
+embedding), ``--subject s`` the two S tokens only.
+
+The noise has standard deviation 3x that of the clean embeddings at the subject
+positions (ROME's choice, ``--noise-scale``). It is drawn once, from a generator
+seeded with ``--seed``, and the *same* noise is used for the corrupted run and for
+every restoration: with fresh noise per experiment, differences between cells
+would mix the effect of the restored state with the luck of the draw. (For the same
+reason the noise is a fixed tensor added to ``embed`` rather than ``iv.Noise``,
+which draws noise of the shape of whatever batch it sees: a batch holding many
+experiments would give each one different noise.) Many restorations share one
+forward pass: experiment e owns rows e*n .. (e+1)*n of the batch, each a copy of the
+n noised prompts with its own restored cell.
+
+Sites: ``resid_pre`` (the residual stream into each layer; layer 0 is the embedding),
+and, like ROME, windows of ``attn.out`` and ``mlp.out``: the cell for layer l restores
+the attention (MLP) output of the ``--window`` layers around l at one position.
+
+What to expect. On the bundled model (2 attention-only layers) restoring the IO
+token's embedding alone brings back almost all of p(IO) (the model copies the one
+clean name it sees), restoring S1 or S2 alone almost nothing, and the END position
+carries about half of it from layer 1 on (the state the name-moving head queries
+with). The MLP heatmap is flat there: the model's MLPs are zero. A restoration says
+what one state can do in the noised context: a late state can fail to help when
+earlier states at its position stay corrupted.
+
+Run:
+    python recipes/causal_tracing.py [--smoke] [--n 32] [--subject names|io|s]
+        [--window 1] [--model ioi | /path/to/gpt2] [--backend torch|nnsight|...] [--out out]
+
+Prints p(IO) clean and corrupted, the strongest restorations of each site and saves
+one heatmap per site into ``--out``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import common
+import torch
+from torch import Tensor
+
+import tracevene as iv
+from tracevene.patching import PatchResult
+from tracevene.tasks import ioi
+
+SITES = ("resid_pre", "attn.out", "mlp.out")
+COLOURS = {"resid_pre": "Purples", "attn.out": "Reds", "mlp.out": "Greens"}  # as ROME's
+SUBJECTS = {"names": ("IO", "S1", "S2"), "io": ("IO",), "s": ("S1", "S2")}
+MIN_RECOVERED = 0.005  # restorations that recover less are not listed
+Metric = Callable[[Tensor], Tensor]
+Cell = tuple[str, int, int]  # (site, layer, position) restored from the clean run
+
+
+def parse_args(argv: list[str] | None = None) -> Any:
+    """The common recipe options plus this recipe's own."""
+    p = common.parser(__doc__, default_model="ioi")
+    p.add_argument("--n", type=int, default=32, help="prompts (default: 32; --smoke: 8)")
+    p.add_argument(
+        "--template", type=int, default=0,
+        help=f"index into ioi.TEMPLATES, 0..{len(ioi.TEMPLATES) - 1} (default: 0)",
+    )  # fmt: skip
+    p.add_argument(
+        "--subject", choices=sorted(SUBJECTS), default="names",
+        help="the tokens to noise: names (IO, S1, S2; default), io or s (S1, S2)",
+    )  # fmt: skip
+    p.add_argument("--noise-scale", type=float, default=3.0, help="noise std / embedding std")
+    p.add_argument(
+        "--window", type=int, default=None,
+        help="layers restored together for attn.out and mlp.out (default: n_layers / 5, "
+        "at least 1)",
+    )  # fmt: skip
+    p.add_argument("--top", type=int, default=4, help="strongest cells per site (default: 4)")
+    p.add_argument("--per-pass", type=int, default=16, help="experiments per forward pass")
+    args = p.parse_args(argv)
+    if not 0 <= args.template < len(ioi.TEMPLATES):
+        p.error(f"--template {args.template}: choose 0..{len(ioi.TEMPLATES) - 1}")
+    if args.window is not None and args.window < 1:
+        p.error(f"--window {args.window}: give at least 1 layer")
+    return args
+
+
+# -- corruption ---------------------------------------------------------------------------------
+def subject_positions(ds: ioi.Dataset, subject: str = "names") -> Tensor:
+    """``[n, k]`` positions of the subject tokens of each prompt (see ``--subject``)."""
+    if subject not in SUBJECTS:
+        raise ValueError(f"subject={subject!r}: choose one of {sorted(SUBJECTS)}")
+    return torch.stack([ds.pos[role] for role in SUBJECTS[subject]], dim=1)
+
+
+def embedding_noise(
+    model: iv.Model, ids: Tensor, subject: Tensor, seed: int, scale: float = 3.0
+) -> Tensor:
+    """``[n, k, d_model]`` Gaussian noise for the subject tokens, drawn once from ``seed``.
+
+    Its standard deviation is ``scale`` times that of the clean embeddings (``embed``)
+    at the subject positions.
+    """
+    rows = torch.arange(ids.shape[0])[:, None]
+    with iv.trace(model, ids) as t:
+        embeddings = t.embed[rows, subject].save()
+    std = embeddings.value.detach().float().std().item()
+    generator = torch.Generator().manual_seed(seed)
+    return scale * std * torch.randn((*subject.shape, model.d_model), generator=generator)
+
+
+# -- restorations --------------------------------------------------------------------------------
+def site_of(run: Any, site: str, layer: int) -> Any:
+    """``run.layer[layer].<site>`` for a dotted site name such as ``"mlp.out"``."""
+    scope = run.layer[layer]
+    for part in site.split("."):
+        scope = getattr(scope, part)
+    return scope
+
+
+def clean_states(model: iv.Model, ids: Tensor, sites: Sequence[str]) -> dict[tuple, Tensor]:
+    """``(site, layer) -> [n, pos, d_model]`` clean values, from one forward pass."""
+    keys = [(site, layer) for site in sites for layer in range(model.n_layers)]
+    with iv.trace(model, ids) as t:
+        saved = {key: site_of(t, *key).save() for key in keys}
+    return {key: s.value.detach() for key, s in saved.items()}
+
+
+def restore(
+    model: iv.Model,
+    ids: Tensor,
+    subject: Tensor,
+    noise: Tensor,
+    clean: dict[tuple, Tensor],
+    experiments: Sequence[Sequence[Cell]],
+    metric: Metric,
+    experiments_per_pass: int = 16,
+) -> Tensor:
+    """The metric of each experiment: the noised run with its cells restored from ``clean``.
+
+    Args:
+        model: The model.
+        ids: ``[n, pos]`` clean prompts.
+        subject: ``[n, k]`` positions that get the noise.
+        noise: ``[n, k, d_model]`` the noise, the same for every experiment.
+        clean: Clean states from :func:`clean_states`, keyed ``(site, layer)``.
+        experiments: For each experiment, the ``(site, layer, position)`` cells to
+            restore (an empty list: the corrupted run itself).
+        metric: ``metric(logits [n, pos, vocab]) -> scalar``.
+        experiments_per_pass: How many experiments share one forward pass.
+
+    Returns:
+        ``[len(experiments)]`` metric values.
+    """
+    out = []
+    for start in range(0, len(experiments), experiments_per_pass):
+        chunk = experiments[start : start + experiments_per_pass]
+        out.append(_run_chunk(model, ids, subject, noise, clean, chunk, metric))
+    return torch.cat(out)
+
+
+def _run_chunk(model, ids, subject, noise, clean, chunk, metric) -> Tensor:
+    """One forward pass of ``len(chunk)`` experiments, experiment e in rows e*n..(e+1)*n."""
+    n, e_count = ids.shape[0], len(chunk)
+    writes: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    for e, cells in enumerate(chunk):
+        for site, layer, pos in cells:
+            writes.setdefault((site, layer), []).append((e, pos))
+    with iv.trace(model, ids.repeat(e_count, 1)) as t:
+        rows = torch.arange(n * e_count)[:, None]
+        t.embed[rows, subject.repeat(e_count, 1)] += noise.repeat(e_count, 1, 1)
+        for (site, layer), cells in writes.items():  # after the noise: restores win
+            r = torch.cat([torch.arange(e * n, (e + 1) * n) for e, _ in cells])
+            p = torch.tensor([p for _, p in cells]).repeat_interleave(n)
+            value = torch.cat([clean[site, layer][:, p] for _, p in cells])
+            site_of(t, site, layer)[r, p] = value
+        logits = t.logits.save()
+    with torch.no_grad():
+        x = logits.value
+        return torch.stack([metric(x[e * n : (e + 1) * n]).float() for e in range(e_count)])
+
+
+def window(layer: int, size: int, n_layers: int) -> range:
+    """The ``size`` layers around ``layer`` (ROME's window), clipped to the model."""
+    return range(max(0, layer - size // 2), min(n_layers, layer - (-size // 2)))
+
+
+def grid(site: str, n_layers: int, n_pos: int, size: int = 1) -> list[list[Cell]]:
+    """One experiment per (layer, position), layer-major; windows of ``size`` layers."""
+    return [[(site, w, pos) for w in window(layer, size, n_layers)]
+            for layer in range(n_layers) for pos in range(n_pos)]  # fmt: skip
+
+
+def causal_trace(
+    model: iv.Model,
+    ids: Tensor,
+    subject: Tensor,
+    noise: Tensor,
+    metric: Metric,
+    site: str = "resid_pre",
+    size: int = 1,
+    experiments_per_pass: int = 16,
+) -> PatchResult:
+    """The metric with ``site`` restored at each layer (window) and position."""
+    clean = clean_states(model, ids, [site])
+    experiments = grid(site, model.n_layers, ids.shape[1], size)
+    values = restore(model, ids, subject, noise, clean, experiments, metric, experiments_per_pass)
+    name = site if size == 1 else f"{site} (window {size})"
+    return PatchResult(values.reshape(model.n_layers, ids.shape[1]), ("layer", "pos"), name,
+                       "denoise")  # fmt: skip
+
+
+def p_answer(ds: ioi.Dataset) -> Metric:
+    """``logits -> mean p(IO)`` at END."""
+    rows = torch.arange(len(ds))
+
+    def metric(logits: Tensor) -> Tensor:
+        probs = logits[rows, ds.pos["END"]].float().softmax(-1)
+        return probs[rows, ds.io].mean()
+
+    return metric
+
+
+# -- reporting ------------------------------------------------------------------------------------
+def strongest(
+    results: dict[str, PatchResult], labels: Sequence[str], top: int, p_clean: float,
+    p_corrupted: float,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """The ``top`` restorations of each site, largest p(IO) first (none that recover
+    less than ``MIN_RECOVERED`` of the clean - corrupted difference)."""
+    rows = []
+    for res in results.values():
+        for index in res.values.flatten().argsort(descending=True)[:top].tolist():
+            layer, pos = divmod(index, res.values.shape[1])
+            p = float(res.values[layer, pos])
+            if abs(p - p_corrupted) < MIN_RECOVERED * abs(p_clean - p_corrupted):
+                break
+            effect = p - p_corrupted
+            recovered = effect / (p_clean - p_corrupted)
+            rows.append({"site": res.site, "layer": layer, "pos": labels[pos], "p(IO)": p,
+                         "effect": round(effect, 4) + 0.0,
+                         "recovered": round(recovered, 4) + 0.0})  # fmt: skip
+    return rows
+
+
+def plot_all(
+    results: dict[str, PatchResult], labels: Sequence[str], out: Path, title: str
+) -> list[Path]:
+    """One heatmap of p(IO) per site, positions labelled by token."""
+    paths = []
+    for site, res in results.items():
+        fig = res.plot(title=f"{title}: p(IO) with {res.site} restored")
+        ax = fig.axes[0]
+        low, high = float(res.values.min()), float(res.values.max())
+        ax.images[0].set_clim(low, max(high, low + 1e-6))
+        ax.images[0].set_cmap(COLOURS[site])
+        ax.set_xticks(range(len(labels)), labels, rotation=90)
+        ax.set_yticks(range(res.values.shape[0]))
+        path = common.out_file(out, f"causal_tracing_{site.replace('.', '_')}.png")
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        paths.append(path)
+    return paths
+
+
+def position_labels(tokenizer: Any, ds: ioi.Dataset, subject: Tensor) -> list[str]:
+    """``"3 Mary/IO*"``-style labels of the first prompt's positions (* = noised)."""
+    roles = {int(pos[0]): role for role, pos in ds.pos.items()}
+    tokens = tokenizer.convert_ids_to_tokens(ds.clean[0].tolist())
+    noised = set(subject[0].tolist())
+    labels = []
+    for p, tok in enumerate(tokens):
+        label = f"{p} {tok.lstrip('Ġ')}" + (f"/{roles[p]}" if p in roles else "")
+        labels.append(label + ("*" if p in noised else ""))
+    return labels
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Trace, print the summary and save the heatmaps; returns the summary."""
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    model, tokenizer = common.load(args.model, args.backend)
+    start = time.perf_counter()
+    n = 8 if args.smoke and args.n == 32 else args.n
+    if tokenizer is None:
+        raise SystemExit("this recipe needs a model directory with a tokenizer (--model)")
+    ds = ioi.make_dataset(tokenizer, n=n, seed=args.seed, templates=[ioi.TEMPLATES[args.template]])
+    subject = subject_positions(ds, args.subject)
+    noise = embedding_noise(model, ds.clean, subject, args.seed, args.noise_scale)
+    metric = p_answer(ds)
+    size = args.window or max(1, round(model.n_layers / 5))
+    reference = restore(model, ds.clean, subject, noise, {}, [[]], metric)
+    with iv.trace(model, ds.clean) as t:
+        logits = t.logits.save()
+    p_clean, p_corrupted = metric(logits.value).item(), reference.item()
+    results = {site: causal_trace(model, ds.clean, subject, noise, metric, site,
+                                  1 if site == "resid_pre" else size, args.per_pass)
+               for site in SITES}  # fmt: skip
+    labels = position_labels(tokenizer, ds, subject)
+    summary = {
+        "n": n, "prompt": ds.text[0], "subject": args.subject, "window": size,
+        "noise_std": float(noise.std()), "p_clean": p_clean, "p_corrupted": p_corrupted,
+        "strongest": strongest(results, labels, args.top, p_clean, p_corrupted),
+        "values": {site: r.values for site, r in results.items()},
+        "plots": [str(p) for p in plot_all(results, labels, args.out, Path(args.model).name)],
+        "seconds": time.perf_counter() - start,
+    }  # fmt: skip
+    report(summary, args)
+    return summary
+
+
+def report(summary: dict[str, Any], args: Any) -> None:
+    """Print what the run found."""
+    print(f"model {args.model} ({args.backend}), {summary['n']} prompts of one template:")
+    print(f"  {summary['prompt']!r}")
+    print(
+        f"noise on the subject tokens ({', '.join(SUBJECTS[args.subject])}), std "
+        f"{summary['noise_std']:.3f} ({args.noise_scale:g}x the embeddings'), seed {args.seed}"
+    )
+    print(f"p(IO) at END: clean {summary['p_clean']:.3f}, corrupted {summary['p_corrupted']:.3f}\n")
+    print("Strongest restorations (effect = p(IO) - p_corrupted; recovered = effect / "
+          "(p_clean - p_corrupted)):\n")  # fmt: skip
+    header = ("site", "layer", "pos", "p(IO)", "effect", "recovered")
+    print(common.table([[r[h] for h in header] for r in summary["strongest"]], header))
+    print(f"\n{len(summary['plots'])} heatmaps in {args.out}/; {summary['seconds']:.1f} s.")
+
+
+if __name__ == "__main__":
+    main()
