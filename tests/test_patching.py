@@ -54,6 +54,21 @@ def test_denoising_equals_transformer_lens(setup, backend, site, heads, helper):
     assert got.values.abs().max() > 0  # something moved: the test can fail
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_position_at_once_equals_transformer_lens(setup, backend):
+    hf, clean, corrupted, bridge, cache = setup
+    expected = tl_patching.get_act_patch_attn_head_out_all_pos(bridge, corrupted, cache, _metric)
+    model = iv.wrap(hf, backend=backend)
+    got = activation_patching(model, clean, corrupted, _metric, site="z", heads=True,
+                              positions="all", progress=False)  # fmt: skip
+    assert got.axes == ("layer", "head")
+    assert torch.allclose(got.values, expected.float(), atol=1e-5)
+    layers = activation_patching(model, clean, corrupted, _metric, positions="all", progress=False)
+    assert layers.axes == ("layer",) and layers.values.shape == (3,)
+    with torch.no_grad():  # all of layer 0's input from the clean run: the clean run
+        assert float(layers.values[0]) == pytest.approx(float(_metric(hf(clean).logits)), abs=1e-5)
+
+
 def test_noising_equals_a_plain_hook_sweep(setup):
     hf, clean, corrupted, _, _ = setup
     model = iv.wrap(hf, backend="torch")
@@ -98,6 +113,8 @@ def test_bad_arguments_are_named(setup):
     model = iv.wrap(hf, backend="torch")
     with pytest.raises(ValueError, match="direction='sideways': choose 'denoise' or 'noise'"):
         activation_patching(model, clean, corrupted, _metric, direction="sideways")
+    with pytest.raises(ValueError, match="positions='some': choose 'each' or 'all'"):
+        activation_patching(model, clean, corrupted, _metric, positions="some")
     with pytest.raises(ValueError, match="experiments_per_pass=0 must be at least 1"):
         activation_patching(model, clean, corrupted, _metric, experiments_per_pass=0)
     with pytest.raises(iv.SiteError):

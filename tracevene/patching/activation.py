@@ -39,6 +39,7 @@ def activation_patching(
     site: str = "resid_pre",
     heads: bool = False,
     direction: str = "denoise",
+    positions: str = "each",
     experiments_per_pass: int = 16,
     progress: bool = True,
 ) -> PatchResult:
@@ -59,6 +60,9 @@ def activation_patching(
             per-head site: ``"z"``, ``"q"``, ``"k"``, ``"v"`` or ``"out"``.
         heads: Patch one head at a time (axes ``[layer, pos, head]``).
         direction: ``"denoise"`` or ``"noise"``.
+        positions: ``"each"`` patches one position at a time; ``"all"`` patches the
+            site at every position at once (axes ``[layer]`` or ``[layer, head]``, as
+            TransformerLens's ``*_all_pos`` functions).
         experiments_per_pass: How many experiments share one forward pass.
         progress: Show a progress bar over the passes.
 
@@ -68,6 +72,8 @@ def activation_patching(
     model = as_model(model)
     if direction not in DIRECTIONS:
         raise ValueError(f"direction={direction!r}: choose 'denoise' or 'noise'")
+    if positions not in ("each", "all"):
+        raise ValueError(f"positions={positions!r}: choose 'each' or 'all'")
     if experiments_per_pass < 1:
         raise ValueError(f"experiments_per_pass={experiments_per_pass} must be at least 1")
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
@@ -75,18 +81,19 @@ def activation_patching(
     keys = _cells(model.n_layers, n_heads if heads else 0)
     values = _read_all(model, source, keys, site)  # also checks the site names
     n_pos = next(iter(values.values())).shape[1]
-    cells = [(key, p) for key in keys for p in range(n_pos)]
-    prefix = _Prefix.of(model, base)
+    each = positions == "each"
+    cells = [(key, p) for key in keys for p in (range(n_pos) if each else [None])]
+    prefix = _Prefix.of(model, base) if each else None
     out = torch.empty(len(cells))
     chunks = _chunks(cells, experiments_per_pass, by_position=prefix is not None)
     for chunk in tqdm(chunks, desc=f"patching {site}", disable=not progress):
         todo = [cells[i] for i in chunk]
         out[chunk] = _run_chunk(model, base, todo, site, values, metric, prefix)
-    shape = (model.n_layers, n_heads, n_pos) if heads else (model.n_layers, n_pos)
+    shape = (model.n_layers, *([n_heads] if heads else []), *([n_pos] if each else []))
     result = out.reshape(shape)
-    if heads:  # [layer, pos, head], as TransformerLens's *_by_pos functions
+    if heads and each:  # [layer, pos, head], as TransformerLens's *_by_pos functions
         result = result.permute(0, 2, 1)
-    axes = ("layer", "pos", "head") if heads else ("layer", "pos")
+    axes = ("layer", *(["pos"] if each else []), *(["head"] if heads else []))
     return PatchResult(result, axes, site, direction)
 
 
@@ -191,6 +198,9 @@ def _run_chunk(
     with trace(model) as t:
         for key, experiments in by_site.items():
             rows = torch.cat([torch.arange(e * batch, (e + 1) * batch) for e, _ in experiments])
+            if experiments[0][1] is None:  # every position at once
+                _at(t, key, site)[rows] = torch.cat([values[key]] * len(experiments))
+                continue
             pos = torch.tensor([p - start for _, p in experiments]).repeat_interleave(batch)
             value = torch.cat([values[key][:, p] for _, p in experiments])
             _at(t, key, site)[rows, pos] = value
