@@ -129,36 +129,6 @@ def position_labels(tokenizer: Any, ds: ioi.Dataset) -> list[str]:
 
 
 # -- sweeps ----------------------------------------------------------------------------------
-def heads_all_positions(
-    model: iv.Model,
-    clean: Tensor,
-    corrupted: Tensor,
-    metric: Metric,
-    direction: str = "denoise",
-    experiments_per_pass: int = 16,
-) -> PatchResult:
-    """Patch one head's ``z`` at every position at once: the metric per (layer, head).
-
-    Like :func:`tracevene.patching.activation_patching`, experiments share forward
-    passes along the batch axis: experiment ``e`` owns rows ``e*n .. (e+1)*n``.
-    """
-    base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
-    cells = [(layer, h) for layer in range(model.n_layers) for h in range(model.n_heads)]
-    with iv.trace(model, source) as t:
-        saved = {(layer, h): t.layer[layer].attn.head[h].z.save() for layer, h in cells}
-    values = {cell: s.value.detach() for cell, s in saved.items()}
-    n, out = base.shape[0], []
-    for start in range(0, len(cells), experiments_per_pass):
-        chunk = cells[start : start + experiments_per_pass]
-        with iv.trace(model, base.repeat(len(chunk), 1)) as t:
-            for e, (layer, h) in enumerate(chunk):
-                t.layer[layer].attn.head[h].z[e * n : (e + 1) * n] = values[layer, h]
-            logits = t.logits.save()
-        out += [metric(logits.value[e * n : (e + 1) * n]).item() for e in range(len(chunk))]
-    grid = torch.tensor(out).reshape(model.n_layers, model.n_heads)
-    return PatchResult(grid, ("layer", "head"), "z (all positions)", direction)
-
-
 def run_sweeps(
     model: iv.Model,
     ds: ioi.Dataset,
@@ -183,8 +153,16 @@ def run_sweeps(
             model, ds.clean, ds.corrupted, metric, site="z", heads=True, direction=direction, **kw
         )
         results[f"{direction} z"] = by_pos
-        results[f"{direction} z@all"] = heads_all_positions(
-            model, ds.clean, ds.corrupted, metric, direction, experiments_per_pass
+        results[f"{direction} z@all"] = activation_patching(
+            model,
+            ds.clean,
+            ds.corrupted,
+            metric,
+            site="z",
+            heads=True,
+            direction=direction,
+            positions="all",
+            **kw,
         )
         for role in head_positions:
             pos = int(ds.pos[role][0])

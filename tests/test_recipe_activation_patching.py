@@ -11,6 +11,7 @@ import torch
 import transformers
 
 import tracevene as iv
+from tracevene.patching import activation_patching
 from tracevene.tasks import ioi
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,7 +147,8 @@ def test_positions_without_a_difference_change_nothing_at_layer_0(setup):
 def test_joint_head_sweep_is_the_same_on_nnsight(setup):
     hf, ds, metric, results = setup
     model = iv.wrap(hf, backend="nnsight")
-    got = recipe["heads_all_positions"](model, ds.clean, ds.corrupted, metric, "noise", 16)
+    got = activation_patching(model, ds.clean, ds.corrupted, metric, site="z", heads=True,
+                              direction="noise", positions="all", progress=False)  # fmt: skip
     assert torch.allclose(got.values, results["noise z@all"].values, atol=1e-5)
 
 
