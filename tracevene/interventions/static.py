@@ -78,7 +78,10 @@ class Noise(Intervention):
     """Add seeded Gaussian noise of standard deviation ``std`` (ROME-style corruption).
 
     The noise is drawn on the CPU from a generator seeded with ``seed`` at every call,
-    so the same shape always gets the same noise, on any device and any backend.
+    so the same shape always gets the same noise, on any device and any backend. It is
+    drawn for the whole tensor: copies of a batch stacked along the batch axis (as
+    patching sweeps stack experiments) get different noise. To corrupt every copy the
+    same way, draw the noise once and add it as a tensor (``iv.Add`` or ``site += noise``).
 
     Args:
         std: Standard deviation (ROME uses 3x the embeddings' standard deviation).
