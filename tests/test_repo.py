@@ -9,7 +9,7 @@ README = ROOT / "README.md"
 CI = ROOT / ".ci" / "run"
 PYPROJECT = ROOT / "pyproject.toml"
 
-DEMO_COMMAND = 'pip install torch==2.13.0 && pip install -e ".[hf]" && python recipes/quickstart.py'
+DEMO_COMMAND = 'pip install torch==2.13.0 && pip install -e ".[recipes]" && python recipes/ioi.py'
 TEST_COMMAND = (
     'pip install torch==2.13.0 && pip install -e ".[dev]" && HF_HUB_OFFLINE=1 python -m pytest -q'
 )
