@@ -8,7 +8,7 @@ from torch import nn
 
 import tracevene as iv
 from tests import models
-from tracevene.patching import Head, Mlp, path_patching
+from tracevene.patching import Head, Mlp, Resid, path_patching
 
 BACKENDS = ["torch", "nnsight", "transformer_lens"]
 TOKEN = 5
@@ -193,6 +193,41 @@ def test_mlp_senders_and_per_example_positions():
     assert not torch.isclose(got.values[0], got.values[1])
 
 
+@pytest.mark.parametrize("form", ["two_pass", "single_pass"])
+def test_experiments_sharing_a_pass_do_not_interfere(form):
+    hf = _gpt2()
+    orig, new = _pair(5)
+    senders = [[Head(0, 1)], [Mlp(0)], [Resid(1, pos=2)], [Head(1, 3), Mlp(1, pos=4)]]
+    for receivers in ["logits", Head(2, 0, "k"), [Resid(2, pos=5), Mlp(2)]]:
+        together = path_patching(hf, orig, new, _metric, senders, receivers, form=form,
+                                 experiments_per_pass=4, progress=False)  # fmt: skip
+        alone = path_patching(hf, orig, new, _metric, senders, receivers, form=form,
+                              experiments_per_pass=1, progress=False)  # fmt: skip
+        assert torch.allclose(together.values, alone.values, atol=1e-5), receivers
+
+
+def test_a_residual_sender_is_the_new_stream_there():
+    hf = _gpt2()
+    orig, new = _pair(6)
+    # the whole stream into layer 1 from the new run, read by the logits with every head
+    # frozen: only what layer 1's stream carries directly to the output changes
+    got = path_patching(hf, orig, new, _metric, [Resid(1)], progress=False, freeze_mlps=True)
+    model = iv.wrap(hf, backend="torch")
+    with iv.trace(model, new) as t:
+        stream = t.layer[1].resid_pre.save()
+    with iv.trace(model, orig) as t:
+        z = [t.layer[i].attn.z.save() for i in range(3)]
+        mlp = [t.layer[i].mlp.out.save() for i in range(3)]
+    with iv.trace(model, orig) as t:
+        t.layer[1].resid_pre = stream.value
+        for i in range(3):
+            t.layer[i].attn.z = z[i].value
+            t.layer[i].mlp.out = mlp[i].value
+        logits = t.logits.save()
+    assert float(got.values[0]) == pytest.approx(float(_metric(logits.value)), abs=1e-5)
+    assert abs(float(got.values[0]) - _baseline(hf, orig)) > 1e-3
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -201,7 +236,7 @@ def test_mlp_senders_and_per_example_positions():
         ({"senders": [Head(0, 1, "k")]}, ValueError, r"sender Head\(0.1.k\) names an input"),
         ({"senders": [Head(5, 1)]}, ValueError, r"layer must be in 0..2"),
         ({"senders": [Head(0, 9)]}, ValueError, r"head must be in 0..3"),
-        ({"senders": [(0, 1)]}, TypeError, r"a sender must be a Head\(layer, head\)"),
+        ({"senders": [(0, 1)]}, TypeError, r"a sender must be a Head\(layer, head\), an Mlp"),
         ({"receivers": "loss"}, ValueError, "receivers='loss': give 'logits'"),
         ({"receivers": Head(1, 1, "o")}, ValueError, "input must be 'q', 'k', 'v' or None"),
         ({"form": "three_pass"}, ValueError, "form='three_pass'"),

@@ -9,13 +9,14 @@
 from .activation import activation_patching
 from .attribution import attribution_patching
 from .circuits import head_means, run_circuit
-from .paths import Head, Mlp, path_patching
+from .paths import Head, Mlp, Resid, path_patching
 from .result import PatchResult
 
 __all__ = [
     "Head",
     "Mlp",
     "PatchResult",
+    "Resid",
     "activation_patching",
     "attribution_patching",
     "head_means",

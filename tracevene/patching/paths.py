@@ -74,7 +74,31 @@ class Mlp:
         )
 
 
-Node = Head | Mlp
+@dataclass(frozen=True, eq=False)
+class Resid:
+    """The residual stream entering a layer (``layer[i].resid_pre``) at some positions.
+
+    As a sender, the stream takes its value from the new run there (everything that
+    reached it); as a receiver, it is the stream the later layers read there.
+
+    Attributes:
+        layer: The layer the stream enters.
+        pos: Positions, as for :class:`Head`.
+    """
+
+    layer: int
+    pos: Position = None
+
+    def __repr__(self) -> str:
+        return (
+            f"Resid({self.layer}"
+            + ("" if self.pos is None else f", pos={_pos_repr(self.pos)}")
+            + ")"
+        )
+
+
+Node = Head | Mlp | Resid
+_KIND = {Mlp: "mlp", Resid: "resid"}
 
 
 def path_patching(
@@ -99,10 +123,11 @@ def path_patching(
         metric: ``metric(logits) -> scalar`` for one experiment's logits
             ``[batch, pos, vocab]``.
         senders: ``"heads"`` (every head alone; values ``[layer, head]``) or a list of
-            sender sets, each a :class:`Head` / :class:`Mlp` or a list of them (values
-            ``[n_sets]``).
+            sender sets, each a :class:`Head` / :class:`Mlp` / :class:`Resid` or a list
+            of them (values ``[n_sets]``).
         receivers: ``"logits"`` (the senders' direct effect on the output), or a
-            :class:`Head` / :class:`Mlp` or a list of them, which receive together.
+            :class:`Head` / :class:`Mlp` / :class:`Resid` or a list of them, which receive
+            together.
         freeze_mlps: Also freeze the MLPs that are not senders or receivers (the paper
             recomputes them).
         form: ``"two_pass"`` or ``"single_pass"``.
@@ -175,11 +200,11 @@ def _receivers(model: Model, receivers: Any) -> list[Node]:
 
 
 def _nodes(model: Model, nodes: Any, role: str) -> list[Node]:
-    nodes = [nodes] if isinstance(nodes, Head | Mlp) else list(nodes)
+    nodes = [nodes] if isinstance(nodes, Head | Mlp | Resid) else list(nodes)
     for node in nodes:
-        if not isinstance(node, Head | Mlp):
+        if not isinstance(node, Head | Mlp | Resid):
             raise TypeError(
-                f"a {role} must be a Head(layer, head) or an Mlp(layer); got "
+                f"a {role} must be a Head(layer, head), an Mlp(layer) or a Resid(layer); got "
                 f"{type(node).__name__} {node!r}"
             )
         if not 0 <= node.layer < model.n_layers:
@@ -196,69 +221,86 @@ def _nodes(model: Model, nodes: Any, role: str) -> list[Node]:
 
 # -- the runs -----------------------------------------------------------------------------
 def _components(model: Model, inputs: Tensor) -> dict[str, list[Tensor]]:
-    """Every layer's per-head ``z`` and MLP output on ``inputs`` (one forward pass)."""
+    """Every layer's per-head ``z``, MLP output and residual input on ``inputs``."""
     with trace(model) as t:
-        z = [t.layer[i].attn.z.save() for i in range(model.n_layers)]
-        mlp = [t.layer[i].mlp.out.save() for i in range(model.n_layers)]
+        saved = {
+            "z": [t.layer[i].attn.z.save() for i in range(model.n_layers)],
+            "mlp": [t.layer[i].mlp.out.save() for i in range(model.n_layers)],
+            "resid": [t.layer[i].resid_pre.save() for i in range(model.n_layers)],
+        }
     with torch.no_grad():
         result = t.program.run(model, inputs)
-    return {"z": [result[s].detach() for s in z], "mlp": [result[s].detach() for s in mlp]}
+    return {kind: [result[s].detach() for s in handles] for kind, handles in saved.items()}
+
+
+@dataclass
+class _Writes:
+    """What the first run writes: every layer's ``z``, frozen MLPs, and senders' rows."""
+
+    z: list[Tensor]
+    mlp: dict[int, Tensor]
+    rows: list[tuple[Node, Tensor, Any, Tensor]]  # (sender, rows, positions, value)
 
 
 def _frozen(
     model: Model, chunk: list[list[Node]], targets: list[Node], caches: tuple, freeze_mlps: bool
-) -> tuple[list[Tensor], dict[int, Tensor]]:
-    """The first run's writes: per-layer ``z`` and the MLP outputs to set, batched."""
+) -> _Writes:
+    """The first run's writes for ``chunk`` (experiment ``e`` owns the ``e``-th batch copy)."""
     orig, new = caches
     n = len(chunk)
     batch = orig["z"][0].shape[0]
-    z = [orig["z"][i].repeat(n, 1, 1, 1) for i in range(model.n_layers)]
-    mlp: dict[int, Tensor] = {}
+    writes = _Writes([orig["z"][i].repeat(n, 1, 1, 1) for i in range(model.n_layers)], {}, [])
     if freeze_mlps:
         skip = {node.layer for node in targets if isinstance(node, Mlp)}
-        mlp = {i: orig["mlp"][i].repeat(n, 1, 1) for i in range(model.n_layers) if i not in skip}
+        writes.mlp = {
+            i: orig["mlp"][i].repeat(n, 1, 1) for i in range(model.n_layers) if i not in skip
+        }
     for e, nodes in enumerate(chunk):
         for node in nodes:
             rows, pos = _index(e, batch, node.pos)
             if isinstance(node, Head):
-                z[node.layer][rows, pos, node.head] = new["z"][node.layer][
-                    _rows0(batch), pos, node.head
-                ]
-            else:
-                mlp.setdefault(node.layer, orig["mlp"][node.layer].repeat(n, 1, 1))
-                mlp[node.layer][rows, pos] = new["mlp"][node.layer][_rows0(batch), pos]
-    return z, mlp
+                source = new["z"][node.layer][_rows0(batch), pos, node.head]
+                writes.z[node.layer][rows, pos, node.head] = source
+                continue
+            source = new[_KIND[type(node)]][node.layer][_rows0(batch), pos]
+            if isinstance(node, Mlp) and node.layer in writes.mlp:
+                writes.mlp[node.layer][rows, pos] = source
+            else:  # only this experiment's rows: other experiments recompute the site
+                writes.rows.append((node, rows, pos, source))
+    return writes
 
 
-def _write_frozen(
-    run: Any, z: list[Tensor], mlp: dict[int, Tensor], targets: list[Node], rows: Any
-):
-    """Write the frozen components into ``run`` (rows ``rows``), leaving receivers free."""
+def _write_frozen(run: Any, writes: _Writes, targets: list[Node], rows: Any) -> None:
+    """Write the first run's values into ``run`` (rows ``rows``), leaving receivers free."""
     free = {(n.layer, n.head) for n in targets if isinstance(n, Head) and n.input is None}
-    for layer, value in enumerate(z):
+    for layer, value in enumerate(writes.z):
         heads = [h for h in range(value.shape[2]) if (layer, h) not in free]
         if len(heads) == value.shape[2]:
             run.layer[layer].attn.z[rows] = value
         else:
             for h in heads:
                 run.layer[layer].attn.head[h].z[rows] = value[:, :, h]
-    for layer, value in mlp.items():
+    for layer, value in writes.mlp.items():
         run.layer[layer].mlp.out[rows] = value
+    for node, experiment_rows, pos, value in writes.rows:  # rows of the first run's half
+        _site(run, node)[experiment_rows, pos] = value
 
 
 def _site(run: Any, node: Node) -> Any:
-    """The receiver's input site in ``run`` (an MLP's or a head's output stands for it)."""
+    """A node's site in ``run`` (for an MLP or all of a head's inputs, its output)."""
     if isinstance(node, Mlp):
         return run.layer[node.layer].mlp.out
+    if isinstance(node, Resid):
+        return run.layer[node.layer].resid_pre
     return getattr(run.layer[node.layer].attn.head[node.head], node.input or "z")
 
 
 def _two_pass(model, orig, chunk, targets, caches, freeze_mlps) -> Tensor:
     n, batch = len(chunk), orig.shape[0]
-    z, mlp = _frozen(model, chunk, targets, caches, freeze_mlps)
+    writes = _frozen(model, chunk, targets, caches, freeze_mlps)
     with trace(model) as t:
         saved = [_site(t, node).save() for node in targets]
-        _write_frozen(t, z, mlp, targets, slice(None))
+        _write_frozen(t, writes, targets, slice(None))
         logits = t.logits.save()
     inputs = _repeat(orig, n)
     with torch.no_grad():
@@ -275,13 +317,13 @@ def _two_pass(model, orig, chunk, targets, caches, freeze_mlps) -> Tensor:
 
 def _single_pass(model, orig, chunk, targets, caches, freeze_mlps) -> Tensor:
     n, batch = len(chunk), orig.shape[0]
-    z, mlp = _frozen(model, chunk, targets, caches, freeze_mlps)
+    writes = _frozen(model, chunk, targets, caches, freeze_mlps)
     half = n * batch
     with trace(model) as t:
         for node in targets:
             rows, pos = _all_rows(n, batch, node.pos)
             _site(t, node)[rows + half, pos] = _site(t, node)[rows, pos]
-        _write_frozen(t, z, mlp, targets, slice(0, half))
+        _write_frozen(t, writes, targets, slice(0, half))
     with torch.no_grad():
         logits = _logits(t.program.run(model, _repeat(orig, 2 * n)).output)
     return logits[half:] if targets else logits[:half]
