@@ -12,15 +12,15 @@ import functools
 import importlib
 import sys
 
-import models
 import pytest
 import torch
 import torch.nn.modules.module as torch_module
-from models import Rotate, available, full_name, site
 from nnsight.intervention.source import STATE
 from torch import nn
 
+import models
 import tracevene as iv
+from models import Rotate, available, full_name, site
 from tracevene.backends import torch_hooks
 
 B, P = 2, 6

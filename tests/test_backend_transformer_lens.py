@@ -20,13 +20,13 @@ import sys
 import warnings
 from pathlib import Path
 
-import models
 import pytest
 import torch
-from models import Rotate, available, full_name, internal, site
 from torch import nn
 
+import models
 import tracevene as iv
+from models import Rotate, available, full_name, internal, site
 from tracevene.backends import torch_hooks
 
 pytest.importorskip("transformer_lens")

@@ -5,12 +5,12 @@ computes exactly what it computed before.
 
 from __future__ import annotations
 
-import models
 import pytest
 import torch
 import torch.nn.modules.module as torch_module
 from torch import nn
 
+import models
 import tracevene as iv
 from tracevene.backends import torch_hooks
 

@@ -15,11 +15,11 @@ import importlib.util
 from pathlib import Path
 from types import ModuleType
 
-import models
 import pytest
 import torch
 from conformance_refs import REFS
 
+import models
 import tracevene as iv
 from tracevene.backends.base import BACKENDS as AVAILABLE
 

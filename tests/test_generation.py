@@ -11,11 +11,11 @@ from __future__ import annotations
 import copy
 import functools
 
-import models
 import pytest
 import torch
 from torch import nn
 
+import models
 import tracevene as iv
 from tracevene.errors import BackendError, ExecutionError
 

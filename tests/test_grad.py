@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import copy
 
-import models
 import pytest
 import torch
-from models import Rotate
 from torch import nn
 
+import models
 import tracevene as iv
+from models import Rotate
 
 B, P, D = 2, 6, 32
 

@@ -14,11 +14,11 @@ import copy
 import json
 import math
 
-import models
 import pytest
 import torch
 from torch import Tensor, nn
 
+import models
 import tracevene as iv
 from tracevene.errors import ExecutionError, RegistryError, ShapeError
 from tracevene.interventions import registry

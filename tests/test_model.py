@@ -1,10 +1,10 @@
 """iv.wrap / iv.load / Model properties, with from_pretrained on local directories."""
 
-import models
 import pytest
 import torch
 import transformers
 
+import models
 import tracevene as iv
 
 

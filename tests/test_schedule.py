@@ -6,11 +6,11 @@ Numbers are checked against hand-made computations with plain forward hooks.
 
 from __future__ import annotations
 
-import models
 import pytest
 import torch
 from torch import nn
 
+import models
 import tracevene as iv
 
 B, P, D = 2, 6, 32

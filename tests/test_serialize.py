@@ -16,12 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jsonschema
-import models
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import models
 import tracevene as iv
 from tracevene.interventions import registry
 from tracevene.ir import nodes as ir_nodes

@@ -19,13 +19,13 @@ from pathlib import Path
 from types import ModuleType
 
 import huggingface_hub
-import models
 import pytest
 import torch
 import torch.nn.functional as F
 from huggingface_hub.repocard import metadata_load
 from safetensors.torch import load_file, save_file
 
+import models
 import tracevene as iv
 from tracevene.backends.interpret import source_sites
 from tracevene.ir import serialize

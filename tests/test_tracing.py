@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import sys
 
-import models
 import pytest
 import torch
 from torch import nn
 
+import models
 import tracevene as iv
 
 B, P, D = 2, 6, 32

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import math
 
-import models
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import models
 import tracevene as iv
 from tracevene import metrics
 
