@@ -1,22 +1,38 @@
-"""Train the bundled induction model: a 2-layer attention-only GPT-2 -> models/induction/.
+"""Train the bundled induction model: a 2-layer attention-only Llama -> models/induction/.
 
-The task (:mod:`tracevene.tasks.induction`): BOS, 8 distinct random tokens, fillers,
-and a repeat of the 8 tokens at a random position; the loss is the cross-entropy of
-the next token on the repeated half only, which only induction can predict. The
-model is a ``GPT2LMHeadModel`` whose MLPs vanish (``n_inner=1``, MLP weights and biases
-zero and frozen), so it is attention-only and still loads with
-``AutoModelForCausalLM.from_pretrained`` and runs on every tracevene backend. It learns
-the textbook circuit: a previous-token head in layer 0 and an induction head in layer 1
-that reads it through its keys (K-composition).
+The task (:mod:`tracevene.tasks.induction`): BOS, 2 to 8 distinct random tokens at a
+random position, fillers, and a repeat of them at a random later position; the loss is
+the cross-entropy of the next token on the repeated half only, which only induction can
+predict. The model is a ``LlamaForCausalLM`` (rotary position embeddings, RMSNorm;
+d_model 64, one head per layer) whose MLPs vanish (``intermediate_size=1``, MLP weights
+zero and frozen: Llama's MLP is ``down(act(gate(x)) * up(x))``, so its output is exactly
+0), so it is attention-only and still loads with ``AutoModelForCausalLM.from_pretrained``
+and runs on every tracevene backend.
 
-Run:  python models/train_induction.py [--steps 2500] [--out models/induction]
-Seeded, CPU, one thread, well under a minute. Writes config.json, model.safetensors and
+Why Llama and not GPT-2: rotary embeddings are relative by construction, so a
+previous-token head is easy to express and forms within a few hundred steps. A GPT-2
+with learned absolute positions trained on the same data stalled on a loose
+"look a few tokens back" plateau, or (with repeats of one fixed length) learned an
+offset variant of the circuit instead of a previous-token head.
+
+The seed matters. With ``--seed 1`` (the default) the circuit forms within about 500
+steps (previous-token score ~0.6-0.7, induction score ~1.0, accuracy 1.0). Seeds 0, 2
+and 3 instead sit on a plateau (about half of the repeated tokens right, previous-token
+score ~0.45, induction score ~0.5; seed 0 is still there after 3000 steps).
+
+The log shows, every 100 steps, the training loss and accuracy, and the previous-token
+score of the layer-0 head and the induction score of the layer-1 head on the evaluation
+data of tests/test_recipe_path_patching.py (``make_dataset(64, 64, min_len=8, seed=1)``).
+
+Run:  python models/train_induction.py [--steps 3000] [--out models/induction]
+Seeded, CPU, one thread, a few minutes. Writes config.json, model.safetensors and
 training_log.txt (this run's output) into --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -28,30 +44,46 @@ from tracevene.tasks import induction
 VOCAB = 64  # token 0 is BOS
 SEQ_LEN = 32
 REPEAT_LEN = 8
+WARMUP = 200
 HERE = Path(__file__).resolve().parent
 
 
-def build_model(seed: int, n_head: int) -> transformers.GPT2LMHeadModel:
-    """A 2-layer GPT-2 (d_model 64) with its MLPs zeroed and frozen."""
+def build_model(seed: int, n_head: int) -> transformers.LlamaForCausalLM:
+    """A 2-layer Llama (d_model 64, rotary positions) with its MLPs zeroed and frozen."""
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=SEQ_LEN, n_embd=64, n_layer=2, n_head=n_head, n_inner=1,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=1, num_hidden_layers=2,
+        num_attention_heads=n_head, num_key_value_heads=n_head, max_position_embeddings=SEQ_LEN,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False,
+        attn_implementation="eager",
     )  # fmt: skip
-    model = transformers.GPT2LMHeadModel(config)
-    for block in model.transformer.h:
-        for p in block.mlp.parameters():
+    model = transformers.LlamaForCausalLM(config)
+    for layer in model.model.layers:
+        for p in layer.mlp.parameters():
             p.data.zero_()
             p.requires_grad_(False)
     return model
 
 
+def scores(model: torch.nn.Module, ds: induction.Dataset) -> tuple[float, float]:
+    """The best previous-token score in layer 0 and induction score in layer 1."""
+    with torch.no_grad():
+        attentions = model(ds.orig, output_attentions=True).attentions
+    prev = induction.previous_token_scores(attentions[0]).max().item()
+    return prev, induction.induction_scores(attentions[1], ds).max().item()
+
+
 def train(model: torch.nn.Module, args, log) -> None:
-    """AdamW on fresh batches of 64 sequences; logs loss and accuracy every 100 steps."""
+    """AdamW on fresh batches of 64 sequences, linear warmup then cosine decay."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=args.steps)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+
+    def schedule(step: int) -> float:
+        return min(1.0, (step + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     g = torch.Generator().manual_seed(args.seed)
+    test = induction.make_dataset(64, VOCAB, min_len=REPEAT_LEN, seed=1)
     for step in range(1, args.steps + 1):
         ds = induction.make_dataset(
             64, VOCAB, seq_len=SEQ_LEN, repeat_len=REPEAT_LEN, min_len=args.min_len, seed=g
@@ -64,7 +96,13 @@ def train(model: torch.nn.Module, args, log) -> None:
         sched.step()
         if step % 100 == 0:
             acc = induction.accuracy(logits.detach(), ds)
-            log(f"step {step:5d}  loss {loss.item():.4f}  accuracy {acc:.3f}")
+            model.eval()
+            prev, ind = scores(model, test)
+            model.train()
+            log(
+                f"step {step:5d}  loss {loss.item():.4f}  accuracy {acc:.3f}  "
+                f"previous-token {prev:.3f}  induction {ind:.3f}"
+            )
 
 
 def evaluate(model: torch.nn.Module, seed: int, min_len: int) -> tuple[float, float, float]:
@@ -82,10 +120,11 @@ def evaluate(model: torch.nn.Module, seed: int, min_len: int) -> tuple[float, fl
 def main(argv: list[str] | None = None) -> float:
     """Train, evaluate and save the model; the held-out accuracy."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=2500, help="training steps (default: 2500)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--heads", type=int, default=2, help="heads per layer (default: 2)")
-    p.add_argument("--min-len", type=int, default=8, help="shortest repeat (default: 8)")
+    p.add_argument("--steps", type=int, default=3000, help="training steps (default: 3000)")
+    p.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
+    p.add_argument("--heads", type=int, default=1, help="heads per layer (default: 1)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
+    p.add_argument("--min-len", type=int, default=2, help="shortest repeat (default: 2)")
     p.add_argument("--out", type=Path, default=HERE / "induction", help="output directory")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -99,7 +138,7 @@ def main(argv: list[str] | None = None) -> float:
     model = build_model(args.seed, args.heads)
     log(
         f"train_induction.py --steps {args.steps} --seed {args.seed} --heads {args.heads} "
-        f"--min-len {args.min_len}"
+        f"--lr {args.lr} --min-len {args.min_len}"
     )
     train(model, args, log)
     model.eval()

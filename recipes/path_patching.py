@@ -144,7 +144,7 @@ def plot(path: Path, prev: Tensor, ind: Tensor, into_keys: Tensor, fractions: di
         ("induction score", ind, "viridis"),
         ("sender -> induction head's keys\n(fraction of the effect)", into_keys, "RdBu_r"),
     ]
-    width = 1.2 + 0.35 * prev.shape[1]
+    width = max(2.4, 1.2 + 0.35 * prev.shape[1])  # one-head models need room for the titles
     fig, axes = plt.subplots(1, 4, figsize=(3 * width + 4, 1.6 + 0.35 * prev.shape[0]))
     for ax, (title, values, cmap) in zip(axes, panels, strict=False):
         _heatmap(fig, ax, values, cmap, title)

@@ -2,7 +2,7 @@
 
 The checks that matter are independent of the library: head scores from the
 attention probabilities Hugging Face returns itself (``output_attentions=True``), and
-path patching written out by hand with forward hooks on the GPT-2 modules.
+path patching written out by hand with forward hooks on the Llama modules.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ MODEL_DIR = ROOT / "models" / "induction"
 
 
 @pytest.fixture(scope="module")
-def hf() -> transformers.GPT2LMHeadModel:
+def hf() -> transformers.LlamaForCausalLM:
     return transformers.AutoModelForCausalLM.from_pretrained(
         MODEL_DIR, attn_implementation="eager"
     ).eval()
@@ -95,16 +95,6 @@ def _scores_by_hand(hf, ds) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(prev), torch.stack(ind)
 
 
-# Issue 5's induction acceptance is NOT met by the bundled checkpoint: trained on repeats
-# of one length, it learned an offset variant (layer 0 attends ~8 and ~7 back, layer 1
-# matches the token 8 back), not a previous-token head; attempts with random and short
-# repeats (see the closing note of issue 5) have not produced the textbook circuit yet.
-# The checks stay, marked as expected failures, so they flip to errors once it holds.
-NOT_YET = pytest.mark.xfail(
-    strict=True, reason="models/induction learned an offset-8 variant, not the textbook circuit"
-)
-
-
 def test_head_scores_match_hf_attentions(hf, ds) -> None:
     prev, ind = induction.head_scores(iv.wrap(hf, backend="torch"), ds, batch_size=40)
     ref_prev, ref_ind = _scores_by_hand(hf, ds)
@@ -112,7 +102,6 @@ def test_head_scores_match_hf_attentions(hf, ds) -> None:
     torch.testing.assert_close(ind, ref_ind, atol=1e-5, rtol=0)
 
 
-@NOT_YET
 def test_bundled_model_has_previous_token_and_induction_heads(hf, ds) -> None:
     prev, ind = _scores_by_hand(hf, ds)
     assert prev[0].max() >= 0.5, f"no previous-token head in layer 0: {prev[0]}"
@@ -121,10 +110,10 @@ def test_bundled_model_has_previous_token_and_induction_heads(hf, ds) -> None:
 
 # -- path patching by hand ----------------------------------------------------------------
 def _z_of_every_layer(hf, ids) -> list[torch.Tensor]:
-    """Each layer's per-head values z (the input of c_proj), [batch, pos, d_model]."""
+    """Each layer's per-head values z (the input of o_proj), [batch, pos, d_model]."""
     z = []
-    hooks = [blk.attn.c_proj.register_forward_pre_hook(lambda m, a: z.append(a[0].clone()))
-             for blk in hf.transformer.h]  # fmt: skip
+    hooks = [layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: z.append(a[0].clone()))
+             for layer in hf.model.layers]  # fmt: skip
     with torch.no_grad():
         hf(ids)
     for h in hooks:
@@ -136,11 +125,11 @@ def _hand_path_patching(hf, ds, sender, receiver, inputs) -> float:
     """Wang et al.'s path patching with plain hooks: the metric of the second run.
 
     Run 1 (on orig): every head's z is frozen at its orig value, except the sender's,
-    which takes its value on new; the receiver's q/k/v are read. Run 2 (on orig): only
+    which takes its value on new; the receiver's q/k/v projections are read (before
+    the rotary embedding, which acts on each head's slice alone). Run 2 (on orig): only
     the receiver's ``inputs`` are replaced by those values.
     """
-    d, n_heads = hf.config.n_embd, hf.config.n_head
-    dh = d // n_heads
+    dh = hf.config.head_dim
     z_orig, z_new = _z_of_every_layer(hf, ds.orig), _z_of_every_layer(hf, ds.new)
 
     def freeze(layer):
@@ -154,26 +143,34 @@ def _hand_path_patching(hf, ds, sender, receiver, inputs) -> float:
         return hook
 
     seen = {}
-    attn = hf.transformer.h[receiver[0]].attn
-    hooks = [blk.attn.c_proj.register_forward_pre_hook(freeze(i))
-             for i, blk in enumerate(hf.transformer.h)]  # fmt: skip
-    hooks.append(attn.c_attn.register_forward_hook(lambda m, a, out: seen.update(qkv=out)))
+    attn = hf.model.layers[receiver[0]].self_attn
+    projections = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj}
+
+    def record(name):
+        return lambda module, args, out: seen.update({name: out})
+
+    hooks = [layer.self_attn.o_proj.register_forward_pre_hook(freeze(i))
+             for i, layer in enumerate(hf.model.layers)]  # fmt: skip
+    hooks += [proj.register_forward_hook(record(name)) for name, proj in projections.items()]
     with torch.no_grad():
         hf(ds.orig)
     for h in hooks:
         h.remove()
 
-    def replace(module, args, out):
-        out = out.clone()
-        for name in inputs:
-            start = "qkv".index(name) * d + receiver[1] * dh
-            out[..., start : start + dh] = seen["qkv"][..., start : start + dh]
-        return out
+    def replace(name):
+        def hook(module, args, out):
+            out = out.clone()
+            cols = slice(receiver[1] * dh, (receiver[1] + 1) * dh)
+            out[..., cols] = seen[name][..., cols]
+            return out
 
-    hook = attn.c_attn.register_forward_hook(replace)
+        return hook
+
+    hooks = [projections[name].register_forward_hook(replace(name)) for name in inputs]
     with torch.no_grad():
         logits = hf(ds.orig).logits
-    hook.remove()
+    for h in hooks:
+        h.remove()
     return induction.metric(ds)(logits).item()
 
 
@@ -205,7 +202,6 @@ def test_path_patching_matches_hooks(hf, ds, circuit, by_hand, form) -> None:
         assert result.values[0].item() == pytest.approx(by_hand[name], abs=1e-5), name
 
 
-@NOT_YET
 def test_the_path_into_the_keys_carries_the_effect(hf, ds, by_hand) -> None:
     metric = induction.metric(ds)
     with torch.no_grad():
