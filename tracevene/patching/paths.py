@@ -150,13 +150,13 @@ def path_patching(
             f"{tuple(new.shape)}. Pad the prompts to one length."
         )
     caches = (_components(model, orig), _components(model, new))
+    run = _single_pass if form == "single_pass" else _two_pass
+    batch = orig.shape[0]
     out = torch.empty(len(sets))
     chunks = range(0, len(sets), experiments_per_pass)
     for start in tqdm(chunks, desc="path patching", disable=not progress):
         chunk = sets[start : start + experiments_per_pass]
-        run = _single_pass if form == "single_pass" else _two_pass
         logits = run(model, orig, chunk, targets, caches, freeze_mlps)
-        batch = orig.shape[0]
         out[start : start + len(chunk)] = torch.stack([
             torch.as_tensor(metric(logits[e * batch : (e + 1) * batch])).detach().float().cpu()
             for e in range(len(chunk))
