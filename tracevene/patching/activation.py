@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..metrics import logits_of
 from ..model import Model, as_model
 from ..tracing.tracer import trace
 from .result import PatchResult
@@ -164,7 +165,7 @@ class _Prefix:
         cache = getattr(output, "past_key_values", None)
         if cache is None or not hasattr(cache, "batch_select_indices"):
             return None
-        return cls(base, _logits(output).detach(), cache)
+        return cls(base, logits_of(output).detach(), cache)
 
     def inputs(self, start: int, n: int) -> dict[str, Any]:
         """Forward arguments for ``n`` copies of the batch, from position ``start`` on."""
@@ -205,7 +206,7 @@ def _run_chunk(
             value = torch.cat([values[key][:, p] for _, p in experiments])
             _at(t, key, site)[rows, pos] = value
     with torch.no_grad():
-        logits = _logits(t.program.run(model, inputs).output)
+        logits = logits_of(t.program.run(model, inputs).output)
         if start > 0:  # the positions before the patch, as in the unpatched run
             logits = torch.cat([prefix.logits[:, :start].repeat(n, 1, 1), logits], dim=1)
         return torch.stack([
@@ -223,7 +224,3 @@ def _repeat(inputs: Any, n: int) -> Any:
         f"activation_patching takes token ids (a tensor [batch, pos]) or a dict of "
         f"tensors, got {type(inputs).__name__}"
     )
-
-
-def _logits(output: Any) -> Tensor:
-    return output if isinstance(output, Tensor) else output.logits

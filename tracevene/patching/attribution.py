@@ -17,18 +17,18 @@ batch and the feature dimensions (DSL spec, section 7).
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..metrics import logits_of
 from ..model import Model, as_model
 from ..tracing.tracer import trace
+from .activation import DIRECTIONS, Metric
 from .result import PatchResult
 
-Metric = Callable[[Tensor], Tensor]
-DIRECTIONS = ("denoise", "noise")
 LAYER_SITES = ("resid_pre", "resid_mid", "resid_post", "attn.out", "mlp.out")
 HEAD_SITES = ("z", "q", "k", "v")
 SITES = LAYER_SITES + HEAD_SITES
@@ -167,8 +167,7 @@ def _run(model: Model, base: Any, source: Any, alphas: Mapping[str, list[Tensor]
                 if parent:
                     scope = getattr(scope, parent)
                 setattr(scope, leaf, getattr(scope, leaf) + step)
-    output = t.program.run(model, base, [source]).output
-    return output if isinstance(output, Tensor) else output.logits
+    return logits_of(t.program.run(model, base, [source]).output)
 
 
 def _scalar(value: Any) -> Tensor:

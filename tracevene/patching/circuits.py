@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..metrics import logits_of
 from ..model import Model, as_model
 from ..tracing.tracer import trace
-from .activation import _logits
 
 HeadKey = tuple[int, int]
 
@@ -101,7 +101,7 @@ def run_circuit(
                 for h in ablated:
                     t.layer[layer].attn.head[h].z = value[:, :, h]
     with torch.no_grad():
-        return _logits(t.program.run(model, inputs).output)
+        return logits_of(t.program.run(model, inputs).output)
 
 
 def _keep(model: Model, keep: Iterable[HeadKey]) -> set[HeadKey]:

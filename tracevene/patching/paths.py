@@ -23,9 +23,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..metrics import logits_of
 from ..model import Model, as_model
 from ..tracing.tracer import trace
-from .activation import Metric, _logits, _repeat
+from .activation import Metric, _repeat
 from .result import PatchResult
 
 Position = int | Tensor | None
@@ -312,7 +313,7 @@ def _two_pass(model, orig, chunk, targets, caches, freeze_mlps) -> Tensor:
             rows, pos = _all_rows(n, batch, node.pos)
             _site(t, node)[rows, pos] = first[handle][rows, pos]
     with torch.no_grad():
-        return _logits(t.program.run(model, inputs).output)
+        return logits_of(t.program.run(model, inputs).output)
 
 
 def _single_pass(model, orig, chunk, targets, caches, freeze_mlps) -> Tensor:
@@ -325,7 +326,7 @@ def _single_pass(model, orig, chunk, targets, caches, freeze_mlps) -> Tensor:
             _site(t, node)[rows + half, pos] = _site(t, node)[rows, pos]
         _write_frozen(t, writes, targets, slice(0, half))
     with torch.no_grad():
-        logits = _logits(t.program.run(model, _repeat(orig, 2 * n)).output)
+        logits = logits_of(t.program.run(model, _repeat(orig, 2 * n)).output)
     return logits[half:] if targets else logits[:half]
 
 
