@@ -46,6 +46,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .. import metrics
+from ..metrics import at_position, logits_of
+
 NAMES: tuple[str, ...] = (
     "Mary", "John", "Tom", "James", "Alice", "Bob", "Sarah", "David", "Emma", "Michael",
     "Anna", "Paul", "Laura", "Mark", "Kate", "Peter", "Lisa", "Daniel", "Rachel", "Chris",
@@ -350,8 +353,6 @@ def _collate(
 
 
 def _end_logits(logits: Any, ds: Dataset) -> Float[Tensor, "n vocab"]:
-    from tracevene.metrics import at_position, logits_of
-
     x = logits_of(logits)
     if x.shape[0] != len(ds):
         raise ValueError(
@@ -369,9 +370,7 @@ def logit_diff(logits: Any, ds: Dataset) -> Float[Tensor, " n"]:
             same END positions), a model output with ``.logits``, or a result.
         ds: The dataset.
     """
-    end = _end_logits(logits, ds)
-    rows = torch.arange(len(ds), device=end.device)
-    return end[rows, ds.io.to(end.device)] - end[rows, ds.s.to(end.device)]
+    return metrics.logit_diff(_end_logits(logits, ds), ds.io, ds.s, position=None)
 
 
 def accuracy(logits: Any, ds: Dataset) -> float:
