@@ -210,7 +210,7 @@ def evaluate(
     """
     model = as_model(model)
     metric_fn = metric_fn or default_metric
-    last_only = metric_fn in (None, default_metric)
+    last_only = metric_fn is default_metric
     run = _runner(
         program, model, schedule, _forward_kwargs(program, model, forward_kwargs, last_only)
     )
