@@ -62,22 +62,15 @@ def load(name_or_path: str, backend: str) -> tuple[iv.Model, Any]:
     ``name_or_path`` is a bundled model's name, a local directory or a hub id
     (hub ids need network access; set ``HF_HUB_OFFLINE=1`` to be sure none is tried).
     """
-    import transformers
-
-    path = model_path(name_or_path)
     try:
-        hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+        model = iv.load(model_path(name_or_path), backend=backend)
     except OSError as e:
         raise SystemExit(
             f"cannot load --model {name_or_path!r}: {e}\nGive a local directory with a "
             f"Hugging Face causal LM (config.json, weights, tokenizer) or a bundled model: "
             f"{', '.join(sorted(p.name for p in MODELS.iterdir() if p.is_dir()))}."
         ) from e
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):  # a model that works on token ids only
-        tokenizer = None
-    return iv.wrap(hf, backend=backend, tokenizer=tokenizer), tokenizer
+    return model, model.tokenizer
 
 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
