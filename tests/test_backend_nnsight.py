@@ -2,7 +2,8 @@
 caller's model whatever happens.
 
 Every program is recorded once and run on both backends, with both schedules; every
-save and the base run's output must agree within 1e-5 (in practice they are equal).
+save and the base run's output must agree within float32 rounding of a forward pass
+(tests/numerics.py, ``MODEL`` ulps of each value's magnitude; in practice they are equal).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import functools
 import importlib
 import sys
 
+import numerics
 import pytest
 import torch
 import torch.nn.modules.module as torch_module
@@ -24,7 +26,6 @@ from models import Rotate, available, full_name, site
 from tracevene.backends import torch_hooks
 
 B, P = 2, 6
-ATOL = 1e-5
 ARCHS = ["gpt2", "llama", "neox", "minilm"]
 SCHEDULES = ["sequential", "batched"]
 KINDS = [
@@ -74,8 +75,7 @@ def assert_same(expected: iv.Result, got: iv.Result) -> None:
 
 def close(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
     assert got.shape == want.shape, f"{name}: {tuple(got.shape)} != {tuple(want.shape)}"
-    err = (got.detach() - want.detach()).abs().max().item() if got.numel() else 0.0
-    assert err <= ATOL, f"{name}: max abs error {err:.3g}"
+    numerics.assert_close(got, want, what=f"{name}: this backend vs the torch backend")
 
 
 # -- parity: every site kind, every architecture, both schedules ------------------------
@@ -352,7 +352,7 @@ def test_gradients_match_the_torch_backend(arch, schedule):
         grads.append([p.grad.clone() for p in rot.parameters()])
     assert all(p.grad is None and p.requires_grad for p in module.parameters())
     for want, got in zip(*grads, strict=True):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        numerics.assert_close(got, want, what="rotation gradient, nnsight vs torch")
         assert want.abs().sum() > 0
 
 

@@ -4,7 +4,8 @@ reference torch backend, and a clean caller's model whatever happens.
 Every parity test records one program, runs it on the torch backend (Hugging Face
 model, plain forward hooks) and on the transformer_lens backend (a TransformerBridge
 over a private copy of the same weights, or a HookedTransformer built from them), with
-both schedules, and compares every save and the base run's output within 1e-5.
+both schedules, and compares every save and the base run's output within float32
+rounding of a forward pass (tests/numerics.py, ``MODEL`` ulps of each value's magnitude).
 
 Runs under TransformerLens 4.x (bridge only) and 3.9 (bridge and HookedTransformer;
 the HookedTransformer tests skip where the class does not exist). CI runs this module
@@ -20,6 +21,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numerics
 import pytest
 import torch
 from torch import nn
@@ -41,7 +43,6 @@ except ImportError:
     HookedTransformer = None
 
 B, P = 2, 6
-ATOL = 1e-5
 ARCHS = ["gpt2", "llama", "neox", "qwen2", "mistral", "minilm"]
 SCHEDULES = ["sequential", "batched"]
 KINDS = [
@@ -118,8 +119,7 @@ def close(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
     if want.dtype == torch.bool:
         assert torch.equal(got, want), f"{name}: boolean values differ"
         return
-    err = (got.detach() - want.detach()).abs().max().item() if got.numel() else 0.0
-    assert err <= ATOL, f"{name}: max abs error {err:.3g}"
+    numerics.assert_close(got, want, what=f"{name}: this backend vs the torch backend")
 
 
 def assert_same(expected: iv.Result, got: iv.Result) -> None:
@@ -521,7 +521,7 @@ def test_gradients_match_the_torch_backend(arch, schedule):
         steps.append([p.detach().clone() for p in params])
     assert all(p.grad is None and p.requires_grad for p in module.parameters())
     for want, got in zip(grads[0] + steps[0], grads[1] + steps[1], strict=True):
-        torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+        numerics.assert_close(got, want, what="gradient / stepped parameter, TL vs torch")
     assert all(g.abs().sum() > 0 for g in grads[0])
 
 
@@ -687,5 +687,5 @@ def test_bert_pattern_under_sdpa_goes_through_the_eager_route():
             out = t.layer[5].resid_post.save()
         results[backend] = (pattern.value, out.value)
     for got, want in zip(results["transformer_lens"], results["torch"], strict=True):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        numerics.assert_close(got, want, what="pattern read / resid_post, TL vs torch")
     assert hf.config._attn_implementation == "sdpa"
