@@ -578,6 +578,20 @@ def _(m, base, sources):
                    resid_post=site, final=S(m, "final"))  # fmt: skip
 
 
+@ref("49_inplace_on_alias")
+def _(m, base, sources):
+    m0, r1, m2 = S(m, "mlp_out", 0), S(m, "resid_post", 1), S(m, "mlp_out", 2)
+    src = acts(m, sources[0], r=r1)["r"]
+    writes = [
+        (m0, lambda v: v + 100.0),
+        (r1, put_at(ix[:, 2], lambda v: v[:, 2] - src[:, 2])),
+        (m2, put_at(ix[1, -1], lambda v: v[1, -1] * 3.0)),
+    ]
+    out = patched(m, base, *writes, mlp_out0=m0, resid_post1=r1, mlp_out2=m2)
+    x, y, w = out["mlp_out0"], out["resid_post1"][:, 2], out["mlp_out2"][1, -1]
+    return {**out, "x": x, "y": y, "w": w}
+
+
 @ref("19_inplace_ops")
 def _(m, base, sources):
     a1 = S(m, "attn_out", 1)

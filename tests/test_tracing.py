@@ -6,8 +6,10 @@ registered by the test, or plain tensor code.
 
 from __future__ import annotations
 
+import re
 import sys
 
+import numerics
 import pytest
 import torch
 from torch import nn
@@ -278,18 +280,173 @@ def test_setitem_on_computed_value_is_a_copy(model, base, clean):
     assert torch.equal(orig.value, clean["transformer.h.0.mlp"])  # the site is untouched
 
 
-def test_chained_index_assignment_is_not_a_silent_no_op(model, base):
-    """In torch, x[:, 0][1] = v writes x through a view; a program cannot, so it says so."""
+def test_chained_index_assignment_writes_through_the_view(gpt2, model, base):
+    """As in torch, x[:, 0][1] = v writes x through the view x[:, 0]."""
+    with iv.trace(model, base) as t:
+        t.layer[0].mlp.out[:, 0][1] = 5.0
+        logits = t.logits.save()
+    _, ref = hooked(gpt2, {"input_ids": base}, edit={"transformer.h.0.mlp": set_at((1, 0), 5.0)})
+    numerics.assert_close(logits.value, ref.logits, what="logits after out[:, 0][1] = 5")
+
+
+def test_item_assignment_on_a_saved_value_is_not_a_silent_no_op(model, base):
     with pytest.raises(
         iv.TraceError,
-        match=r"line test_tracing\.py:\d+: this assignment changes a copy.*index it in one step",
+        match=r"line test_tracing\.py:\d+: this assignment changes a copy of a computed value",
     ):
-        with iv.trace(model, base) as t:
-            t.layer[0].mlp.out[:, 0][1] = 5.0
-    with pytest.raises(iv.TraceError, match="changes a copy of a computed value"):
         with iv.trace(model, base) as t:
             saved = t.layer[0].mlp.out.save()
             saved[:, 0] = 0.0
+
+
+# -- in-place operators on aliases of a site and on computed values ------------------------
+def _structure(program: iv.Program) -> list[tuple]:
+    """A program's nodes without their file:line."""
+    return [(n.op, n.target, n.run, n.args, n.kwargs) for n in program.nodes]
+
+
+@pytest.mark.parametrize("op", ["+=", "-=", "*=", "/="])
+def test_inplace_operator_on_site_alias_writes_the_site(gpt2, model, base, op):
+    vec = torch.randn(D) + 2.0
+    with iv.trace(model, base) as t:
+        x = t.layer[1].resid_post
+        x = _inplace(op, x, vec)
+        logits = t.logits.save()
+    with iv.trace(model) as direct:
+        if op == "+=":
+            direct.layer[1].resid_post += vec
+        elif op == "-=":
+            direct.layer[1].resid_post -= vec
+        elif op == "*=":
+            direct.layer[1].resid_post *= vec
+        else:
+            direct.layer[1].resid_post /= vec
+        direct.logits.save()
+    assert _structure(t.program) == _structure(direct.program)
+    _, ref = hooked(
+        gpt2, {"input_ids": base}, edit={"transformer.h.1": lambda o: _inplace(op, o, vec)}
+    )
+    numerics.assert_close(logits.value, ref.logits, what=f"logits after x = site; x {op} vec")
+
+
+def test_alias_add_equals_site_add(model, base, clean):
+    """Issue 10: x = site; x += 100.0 used to leave the logits unchanged."""
+    with iv.trace(model, base) as t:
+        x = t.layer[0].mlp.out
+        x += 100.0
+        after = x.save()
+        logits = t.logits.save()
+    with iv.trace(model, base) as direct:
+        direct.layer[0].mlp.out += 100.0
+        want = direct.logits.save()
+    numerics.assert_exact(logits.value, want.value, what="logits: x += 100 vs site += 100")
+    assert not torch.allclose(logits.value, clean["logits"])
+    numerics.assert_close(
+        after.value, clean["transformer.h.0.mlp"] + 100.0, what="x after x += 100", ulps=numerics.OP
+    )
+
+
+@pytest.mark.parametrize("op", ["+=", "-=", "*=", "/="])
+def test_inplace_operator_on_slice_alias_writes_the_slice(gpt2, model, base, op):
+    with iv.trace(model, base) as t:
+        x = t.layer[0].mlp.out[:, -1]
+        x = _inplace(op, x, 3.0)
+        logits = t.logits.save()
+
+    def edit(o):
+        o[:, -1] = _inplace(op, o[:, -1].clone(), 3.0)
+        return o
+
+    _, ref = hooked(gpt2, {"input_ids": base}, edit={"transformer.h.0.mlp": edit})
+    numerics.assert_close(logits.value, ref.logits, what=f"logits after x = site[:, -1]; x {op} 3")
+
+
+def test_inplace_operator_on_view_of_view_writes_and_rebinds(gpt2, model, base, clean):
+    """x = site[:, 2]; w = x[1]; w += 1 writes site[1, 2]; site, x and w see the write."""
+    with iv.trace(model, base) as t:
+        site = t.layer[0].mlp.out
+        x = site[:, 2]
+        w = x[1]
+        w += 1.0
+        saves = [v.save() for v in (site, x, w)]
+        logits = t.logits.save()
+    expected = clean["transformer.h.0.mlp"].clone()
+    expected[1, 2] += 1.0
+    wants = (expected, expected[:, 2], expected[1, 2])
+    for saved, want, name in zip(saves, wants, "sxw", strict=True):
+        numerics.assert_close(saved.value, want, what=f"{name} after w += 1", ulps=numerics.OP)
+
+    def edit(o):
+        o[1, 2] += 1.0
+        return o
+
+    _, ref = hooked(gpt2, {"input_ids": base}, edit={"transformer.h.0.mlp": edit})
+    numerics.assert_close(logits.value, ref.logits, what="logits after w = site[:, 2][1]; w += 1")
+
+
+def test_advanced_index_of_a_site_is_a_copy(model, base, clean):
+    """As in torch, site[:, [0, 2]] is a copy: += on it rebinds, and unused it raises."""
+    with iv.trace(model, base) as t:
+        y = t.layer[0].mlp.out[:, [0, 2]]
+        y += 1.0
+        y = y.save()
+        logits = t.logits.save()
+    want = clean["transformer.h.0.mlp"][:, [0, 2]] + 1.0
+    numerics.assert_close(y.value, want, what="y = site[:, [0, 2]]; y += 1", ulps=numerics.OP)
+    numerics.assert_exact(logits.value, clean["logits"], what="logits (the site is untouched)")
+    with pytest.raises(iv.TraceError, match=r"this `\+=` changes a copy of a computed value"):
+        with iv.trace(model) as t:
+            y = t.layer[0].mlp.out[:, [0, 2]]
+            y += 1.0
+
+
+def test_indexed_inplace_operator_records_one_write(model):
+    """``site[i] += v`` runs ``y = site[i]; y += v; site[i] = y``: the last step is no write."""
+    with iv.trace(model) as t:
+        t.layer[0].mlp.out[:, 2] += 1.0
+        t.layer[0].mlp.out[:, 2][0] += 1.0
+        t.layer[0].mlp.out += 1.0
+    assert [n.op for n in t.program.nodes].count("write") == 3
+
+
+@pytest.mark.parametrize(
+    "op", ["+=", "-=", "*=", "/=", "//=", "%=", "**=", "@=", "&=", "|=", "^=", "<<=", ">>="]
+)
+def test_inplace_operator_on_unused_computed_value_raises(model, op):
+    other = "torch.ones(D, D)" if op == "@=" else "1"
+    code = f"y = t.layer[0].mlp.out * 2\ny {op} {other}\n"
+    message = (
+        rf"line inplace\.py:2: this `{re.escape(op)}` changes a copy of a computed "
+        "value that nothing uses afterwards, so it would have no effect.*apply the change "
+        "to the site"
+    )
+    with pytest.raises(iv.TraceError, match=message):
+        with iv.trace(model) as t:
+            exec(compile(code, "inplace.py", "exec"), {"t": t, "torch": torch, "D": D})
+
+
+def test_inplace_operator_on_computed_value_names_the_line(model):
+    with pytest.raises(iv.TraceError) as info:
+        with iv.trace(model) as t:
+            y = t.layer[0].mlp.out.sum(-1)
+            y += 1.0
+            line = here() - 1
+    assert str(info.value).startswith(f"line test_tracing.py:{line}: this `+=` changes a copy")
+    with pytest.raises(iv.TraceError, match=r"this `-=` changes a copy of a computed value"):
+        with iv.trace(model) as t:
+            saved = t.layer[0].mlp.out.save()
+            saved -= 1.0
+
+
+def test_inplace_operator_on_computed_value_then_used_rebinds(model, base, clean):
+    with iv.trace(model, base) as t:
+        y = t.layer[0].mlp.out * 2.0
+        y += 1.0
+        y = y.save()
+        logits = t.logits.save()
+    want = clean["transformer.h.0.mlp"] * 2.0 + 1.0
+    numerics.assert_close(y.value, want, what="y = site * 2; y += 1", ulps=numerics.OP)
+    numerics.assert_exact(logits.value, clean["logits"], what="logits (the site is untouched)")
 
 
 def test_write_of_unsupported_type_raises(model, base):

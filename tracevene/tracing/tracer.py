@@ -14,7 +14,7 @@ from ..errors import SiteError, TraceError
 from ..ir.nodes import Node, Ref
 from ..ir.program import Program
 from ..sites.vocab import check_child
-from .values import Saved, Value, _find_tracer
+from .values import Alias, Saved, Value, _find_tracer
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -50,10 +50,12 @@ class Tracer:
         self._module_keys: dict[int, str] = {}
         self._tensor_refs: dict[int, Ref] = {}
         self.source_inputs: list[Any] = []
-        self.save_names: set[str] = set()
+        self.save_names: dict[str, str] = {}  # save name -> file:line of its first use
         self.program: Program | None = None
         self.result: Result | None = None
         self.node_map: dict[int, int] = {}  # recorded node id -> id in the built program
+        self.rebinds: dict[int, str] = {}  # in-place operator on a computed value -> "+=", ...
+        self.rereads: set[int] = set()  # getitems that re-read an alias after a write
         self.closed = False
 
     # -- recording -------------------------------------------------------------
@@ -72,16 +74,26 @@ class Tracer:
         return node.id
 
     def value(self, op: str, target: str | None, args: tuple = (), kwargs: dict | None = None):
-        """Record a node and return a :class:`Value` for its result."""
+        """Record a node and return a ``Value`` for its result."""
         return Value(self, self.add(op, target, None, args, kwargs))
 
     def save(self, value: Value, name: str | None) -> Saved:
         """Record a save of ``value``."""
-        if name is not None:
-            if not isinstance(name, str) or name in self.save_names:
-                raise TraceError(f"save name {name!r} is already used or not a string.")
-            self.save_names.add(name)
+        if name is not None and not isinstance(name, str):
+            raise TraceError(
+                f"save names are strings, got {type(name).__name__} {name!r}: use "
+                ".save('name'), or .save() and index the result with the returned handle."
+            )
+        if name is not None and name in self.save_names:
+            first = self.save_names[name]
+            raise TraceError(
+                f"save name {name!r} is already used by the save at {first or 'an earlier line'}"
+                "; names must be unique within a with-block: pick another name, or .save() "
+                "without a name and keep the returned handle."
+            )
         save = self.add("save", name, None, (value,))
+        if name is not None:
+            self.save_names[name] = self.nodes[save].loc
         return Saved(self, value._node, save, name)
 
     def _lift(self, x: Any) -> Any:
@@ -138,19 +150,58 @@ class Tracer:
             )
         self.add("write", site, run, (index, value))
 
+    def write_site(self, run: int, site: str, value: Any) -> None:
+        """Record ``run.site = value``; nothing when ``value`` is the site's current value.
+
+        ``run.site op= v`` ends with that assignment, after the in-place operator has
+        written the site already (``Alias._inplace``).
+        """
+        if not (
+            isinstance(value, SiteValue)
+            and (value._tracer, value._run, value._site) == (self, run, site)
+            and self.unwritten_since(value._read)
+        ):
+            self.write(run, site, (), value)
+
+    def unwritten_since(self, node: int) -> bool:
+        """Whether no write was recorded after node ``node``."""
+        return all(n.op != "write" for n in self.nodes[node + 1 :])
+
     # -- finishing ---------------------------------------------------------------
+    def _check_no_dead_changes(self) -> None:
+        """Refuse an item assignment or in-place operator whose result nothing uses."""
+        used = {r for n in self.nodes for r in n.refs()}
+        changes = (n for n in self.nodes if n.op == "setitem" or n.id in self.rebinds)
+        dead = next((n for n in changes if n.id not in used), None)
+        if dead is None:
+            return
+        what = f"`{self.rebinds[dead.id]}`" if dead.id in self.rebinds else "assignment"
+        raise TraceError(
+            f"line {dead.loc}: this {what} changes a copy of a computed value that nothing "
+            "uses afterwards, so it would have no effect. Only a site and its views "
+            "(x = t.<site>, x = t.<site>[:, 0], x[1] of those: ints, slices, None, ...) "
+            "write the site when changed in place; the result of a computation (x * 2, "
+            "x.save(), x[:, [0, 2]], a torch function) is a new value. To write the site, "
+            "apply the change to the site (t.<site>[:, 0] += v); to change the computed "
+            "value, use it afterwards."
+        )
+
+    def _live(self) -> set[int]:
+        """Ids of the nodes to keep: all but reads, constants and re-reads nothing uses."""
+        prunable = {n.id for n in self.nodes if n.op in ("read", "const")} | self.rereads
+        used: set[int] = set()
+        live: set[int] = set()
+        for n in reversed(self.nodes):  # a node refers to earlier nodes only
+            if n.id in used or n.id not in prunable:
+                live.add(n.id)
+                used.update(n.refs())
+        return live
+
     def build(self) -> Program:
         """The recorded program, without reads and constants that nothing uses."""
-        used = {r for n in self.nodes for r in n.refs()}
-        dead = [n for n in self.nodes if n.op == "setitem" and n.id not in used]
-        if dead:  # x[i][j] = v, or a slice of a site assigned into: a silent no-op
-            raise TraceError(
-                f"line {dead[0].loc}: this assignment changes a copy of a computed value "
-                "that nothing uses afterwards, so it would have no effect. To write a site, "
-                "index it in one step (t.<site>[:, 0, 1] = v, not t.<site>[:, 0][1] = v); "
-                "to change a computed value, use the value after the assignment."
-            )
-        keep = [n for n in self.nodes if n.op not in ("read", "const") or n.id in used]
+        self._check_no_dead_changes()
+        live = self._live()
+        keep = [n for n in self.nodes if n.id in live]
         new_id = {n.id: i for i, n in enumerate(keep)}
 
         def remap(x: Any) -> Any:
@@ -174,19 +225,26 @@ class Tracer:
 
 
 # -- proxies for runs and sites ----------------------------------------------------
-class SiteValue(Value):
-    """The value at a site of one run; assigning into it writes the site."""
+class SiteValue(Alias):
+    """The value at a site of one run; item assignment and in-place operators write it."""
 
-    __slots__ = ("_run", "_site")
+    __slots__ = ()
 
     def __init__(self, tracer: Tracer, run: int, site: str):
-        super().__init__(tracer, tracer.read(run, site))
-        object.__setattr__(self, "_run", run)
-        object.__setattr__(self, "_site", site)
+        read = tracer.read(run, site)
+        super().__init__(tracer, read)
+        for name, v in (("_run", run), ("_site", site), ("_read", read)):
+            object.__setattr__(self, name, v)
 
-    def __setitem__(self, index: Any, value: Any) -> None:
+    def _fresh(self) -> tuple[int, int]:
+        read = self._tracer.read(self._run, self._site)
+        return read, read
+
+    def _assign(self, value: Any) -> None:
+        self._tracer.write(self._run, self._site, (), value)
+
+    def _assign_at(self, index: Any, value: Any) -> None:
         self._tracer.write(self._run, self._site, index, value)
-        object.__setattr__(self, "_node", self._tracer.read(self._run, self._site))
 
 
 class _Scope:
@@ -226,7 +284,7 @@ class _Scope:
         return SiteValue(self._tracer, self._run, name)
 
     def __setattr__(self, attr: str, value: Any) -> None:
-        self._tracer.write(self._run, self._name(attr), (), value)
+        self._tracer.write_site(self._run, self._name(attr), value)
 
 
 class _Indexed:
@@ -281,7 +339,7 @@ class _ModuleSites:
 
     @input.setter
     def input(self, value: Any) -> None:
-        self._tracer.write(self._run, f"module:{self._path}:input", (), value)
+        self._tracer.write_site(self._run, f"module:{self._path}:input", value)
 
     @property
     def output(self) -> SiteValue:
@@ -290,7 +348,7 @@ class _ModuleSites:
 
     @output.setter
     def output(self, value: Any) -> None:
-        self._tracer.write(self._run, f"module:{self._path}:output", (), value)
+        self._tracer.write_site(self._run, f"module:{self._path}:output", value)
 
 
 class Run(_Scope):
@@ -371,10 +429,21 @@ def _patched_call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
 class trace:  # noqa: N801 - used as a function: iv.trace(model, ...)
     """Record an intervention program, and run it when the block ends if given inputs.
 
+    Batches of prompts of different lengths (``list[str]``, or a dict with an
+    ``attention_mask``) give at every real token the values of each prompt run alone,
+    padded on the left or on the right: position ids come from the attention mask.
+    Position ``-1`` is each prompt's last token only under left padding. Under right
+    padding, index each prompt's last real token with per-example positions,
+    ``t.logits[torch.arange(batch), iv.last_token_positions(inputs)]``; a read or
+    write at a negative position of a right-padded run raises ``ExecutionError``.
+
     Args:
-        model: A :class:`tracevene.Model`, or any ``nn.Module`` (wrapped on the torch
+        model: An ``iv.Model``, or any ``nn.Module`` (wrapped on the torch
             backend).
-        base: Inputs of the base run; ``None`` only records a reusable program.
+        base: Inputs of the base run: token ids ``[batch, pos]``, a dict or
+            ``BatchEncoding``, or text (``str`` / ``list[str]``, tokenised with the
+            model's tokenizer, padded on its ``padding_side``); ``None`` only records a
+            reusable program.
         schedule: ``"auto"``, ``"batched"`` or ``"sequential"`` (see ``Program.run``).
         **kwargs: Values of placeholders (``t.arg(name)``) by name; the rest are keyword
             arguments of the model's forward.

@@ -23,6 +23,9 @@ _BINARY = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul",
            "and", "or", "xor", "lshift", "rshift")  # fmt: skip
 _COMPARE = ("lt", "le", "gt", "ge", "eq", "ne")
 _UNARY = ("neg", "pos", "abs", "invert")
+_SYMBOLS = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//", "mod": "%",
+            "pow": "**", "matmul": "@", "and": "&", "or": "|", "xor": "^", "lshift": "<<",
+            "rshift": ">>"}  # fmt: skip
 
 
 class Value:
@@ -41,6 +44,12 @@ class Value:
     # -- recording helpers ---------------------------------------------------
     def _call(self, fn: str, *args: Any) -> Value:
         return self._tracer.value("call_function", fn, args)
+
+    def _inplace(self, op: str, other: Any) -> Value:
+        """``self op= other`` on a computed value: a new value that the name rebinds to."""
+        new = self._call(_function(op), self, other)
+        self._tracer.rebinds[new._node] = f"{_SYMBOLS[op]}="
+        return new
 
     def save(self, name: str | None = None) -> Saved:
         """Keep this value for after the run.
@@ -69,6 +78,12 @@ class Value:
             return self._tracer.value("call_method", "dim", (self,))
         if name == "T":
             return self._tracer.value("call_method", "t", (self,))
+        if name == "value":
+            raise TraceError(
+                f"{self!r} was not saved, so it has no .value: save it inside the with-block "
+                "(saved = x.save(), or x.save('name')) and read saved.value, or "
+                "result['name'], after the block."
+            )
         if name in ("dtype", "device", "grad", "data", "requires_grad"):
             raise TraceError(
                 f"{name!r} of a traced value is not known while recording; compute with "
@@ -122,8 +137,12 @@ class Value:
         return f"<traced value %{self._node}>"
 
 
+def _function(name: str) -> str:
+    return f"operator.{name}" if name not in ("and", "or") else f"operator.{name}_"
+
+
 def _binary(name: str, reflected: bool = False):
-    fn = f"operator.{name}" if name not in ("and", "or") else f"operator.{name}_"
+    fn = _function(name)
 
     def method(self: Value, other: Any) -> Value:
         return self._call(fn, other, self) if reflected else self._call(fn, self, other)
@@ -131,10 +150,17 @@ def _binary(name: str, reflected: bool = False):
     return method
 
 
+def _augmented(name: str):
+    def method(self: Value, other: Any) -> Value:
+        return self._inplace(name, other)
+
+    return method
+
+
 for _op in _BINARY:
     setattr(Value, f"__{_op}__", _binary(_op))
     setattr(Value, f"__r{_op}__", _binary(_op, reflected=True))
-    setattr(Value, f"__i{_op}__", _binary(_op))  # out of place: sites are written on assignment
+    setattr(Value, f"__i{_op}__", _augmented(_op))
 for _op in _COMPARE:
     setattr(Value, f"__{_op}__", _binary(_op))
 for _op in _UNARY:
@@ -142,11 +168,110 @@ for _op in _UNARY:
 del _op
 
 
+class Alias(Value):
+    """A site's value, or an index of one: in-place changes through it write the site.
+
+    ``x op= v`` and ``x[i] = v`` on an alias record a write of the region it names
+    (``x op v`` is computed from ``x`` as it was read); afterwards the alias, and the
+    aliases it was indexed from, name the region's new value. Basic indexing of an
+    alias (ints, slices, None, ``...``: a view in torch) gives an alias of the
+    sub-region (views of views write through ``setitem`` copies); advanced indexing
+    (lists, tensors, masks, traced values) gives a copy, a computed value.
+    """
+
+    __slots__ = ("_run", "_site", "_read")
+
+    def _fresh(self) -> tuple[int, int]:
+        """Record a new read of the region: (node of its value, node of the read)."""
+        raise NotImplementedError
+
+    def _assign(self, value: Any) -> None:
+        """Record a write of the whole region."""
+        raise NotImplementedError
+
+    def _assign_at(self, index: Any, value: Any) -> None:
+        """Record a write of ``region[index]``."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: Any) -> Value:
+        if not _is_view(index):  # advanced indexing: a copy, as in torch
+            return super().__getitem__(index)
+        return SiteView(self, index)
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        if not self._is_echo(index, value):
+            self._assign_at(index, value)
+        self._rebind()
+
+    def _inplace(self, op: str, other: Any) -> Value:
+        self._assign(self._call(_function(op), self, other))
+        self._rebind()
+        return self
+
+    def _is_echo(self, index: Any, value: Any) -> bool:
+        """Whether ``self[index] = value`` writes back a view that is already current.
+
+        Python runs ``x[i] op= v`` as ``y = x[i]; y op= v; x[i] = y``: the view ``y``
+        already wrote itself, so the last step would write the same values again.
+        """
+        return (
+            isinstance(value, SiteView)
+            and value._parent is self
+            and value._index is index
+            and self._tracer.unwritten_since(value._read)
+        )
+
+    def _rebind(self) -> None:
+        """Point this alias and the aliases it was indexed from at their new values."""
+        alias = self
+        while isinstance(alias, Alias):
+            node, read = alias._fresh()
+            object.__setattr__(alias, "_node", node)
+            object.__setattr__(alias, "_read", read)
+            alias = alias._parent if isinstance(alias, SiteView) else None
+
+
+def _is_view(index: Any) -> bool:
+    """Whether torch's ``x[index]`` is a view of ``x``: ints, slices, None and ``...`` only."""
+    items = index if isinstance(index, tuple) else (index,)
+    basic = (int, slice, type(None), type(Ellipsis))
+    return all(isinstance(i, basic) and not isinstance(i, bool) for i in items)
+
+
+class SiteView(Alias):
+    """``alias[index]``: a region of a site; in-place changes through it write the site."""
+
+    __slots__ = ("_parent", "_index")
+
+    def __init__(self, parent: Alias, index: Any):
+        node = parent._tracer.add("getitem", None, None, (parent, index))
+        super().__init__(parent._tracer, node)
+        values = (parent._run, parent._site, parent._read, parent, index)
+        for name, v in zip(("_run", "_site", "_read", "_parent", "_index"), values, strict=True):
+            object.__setattr__(self, name, v)
+
+    def _fresh(self) -> tuple[int, int]:
+        tracer = self._tracer
+        parent, read = self._parent._fresh()
+        node = tracer.add("getitem", None, None, (Value(tracer, parent), self._index))
+        tracer.rereads.add(node)
+        return node, read
+
+    def _assign(self, value: Any) -> None:
+        self._parent._assign_at(self._index, value)
+
+    def _assign_at(self, index: Any, value: Any) -> None:
+        tracer = self._tracer
+        current = Value(tracer, self._fresh()[0])
+        copy = tracer.add("setitem", None, None, (current, index, value))
+        self._assign(Value(tracer, copy))
+
+
 class Saved(Value):
     """A saved value.
 
     Inside the block it computes like the value it saves; after the run,
-    :attr:`value` is the tensor.
+    ``value`` is the tensor.
     """
 
     __slots__ = ("_save", "name")
@@ -158,7 +283,7 @@ class Saved(Value):
 
     @property
     def value(self) -> Any:
-        """The saved tensor (raises :class:`NotRunError` before the program ran)."""
+        """The saved tensor (raises ``iv.NotRunError`` before the program ran)."""
         result = self._tracer.result
         if result is None:
             raise NotRunError(
