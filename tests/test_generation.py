@@ -1,6 +1,6 @@
-"""``iv.generate``: greedy decoding with the KV cache, the program on chosen passes.
+"""``iv.generate``: greedy or sampled decoding with the KV cache, the program on chosen passes.
 
-Every generation is compared token for token with a hand-written greedy loop that
+Every generation is compared token for token with a hand-written decoding loop that
 edits the Hugging Face model with its own ``register_forward_hook`` (no tracevene),
 and every intervention is checked to change the tokens, so a program silently not
 running would fail.
@@ -17,7 +17,7 @@ from torch import nn
 
 import models
 import tracevene as iv
-from tracevene.errors import BackendError, ExecutionError
+from tracevene.errors import ArgumentError, BackendError, ExecutionError
 
 BACKENDS = ["torch", "nnsight", "transformer_lens"]
 B, P, N, D = 2, 6, 6, 32
@@ -45,8 +45,15 @@ def vector(scale: float, seed: int = 3) -> torch.Tensor:
 
 
 # -- the independent reference: plain hooks on the HF model --------------------------------
-def reference(hf, block, ids, n, edit=None, mask=None) -> torch.Tensor:
-    """Greedy decoding with the KV cache; ``edit(step, h)`` replaces ``block``'s output."""
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)
+
+
+def reference(hf, block, ids, n, edit=None, mask=None, pick=greedy) -> torch.Tensor:
+    """Decoding with the KV cache; ``edit(step, h)`` replaces ``block``'s output.
+
+    ``pick`` chooses the next tokens ``[batch]`` from the last position's logits.
+    """
     state = {"step": 0}
 
     def hook(module, args, output):
@@ -69,7 +76,7 @@ def reference(hf, block, ids, n, edit=None, mask=None) -> torch.Tensor:
                     kw.update(attention_mask=mask, position_ids=positions[:, -new.shape[1] :])
                 output = hf(**kw)
                 cache = output.past_key_values
-                token = output.logits[:, -1].argmax(-1)
+                token = pick(output.logits[:, -1])
                 out = torch.cat([out, token[:, None]], dim=1)
                 if mask is not None:
                     mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -203,6 +210,149 @@ def test_llama(backend):
     expected = reference(hf, hf.model.layers[0].mlp, ids, N, edit_at(-1, v, steps_of("new")))
     assert torch.equal(got, expected)
     assert not torch.equal(got, reference(hf, None, ids, N))
+
+
+# -- sampling ------------------------------------------------------------------------------
+SEEDS = [0, 1, 2]
+#: name -> sampling arguments of iv.generate (besides do_sample=True and the seed)
+SAMPLING = {
+    "plain": {},
+    "temperature-top_k-top_p": {"temperature": 0.7, "top_k": 8, "top_p": 0.9},
+    "top_p": {"temperature": 1.3, "top_p": 0.6},
+    "top_k": {"top_k": 3},
+}
+
+
+def hand_sampler(generator, temperature=1.0, top_k=None, top_p=1.0):
+    """Sampling written out by hand: temperature, top-k, nucleus (top-p), one draw per row.
+
+    The nucleus is computed the other way round from tracevene (most likely first:
+    a token stays while the tokens more likely than it hold less than ``top_p``).
+    """
+
+    def pick(logits):
+        scores = logits.float() / temperature
+        if top_k is not None:
+            kth = scores.topk(top_k, dim=-1).values[:, -1:]
+            scores = torch.where(scores < kth, float("-inf"), scores)
+        if top_p < 1.0:
+            probs, order = scores.softmax(-1).sort(-1, descending=True)
+            outside = probs.cumsum(-1) - probs >= top_p
+            outside[:, 0] = False
+            drop = torch.zeros_like(outside).scatter(1, order, outside)
+            scores = torch.where(drop, float("-inf"), scores)
+        return torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
+
+    return pick
+
+
+@pytest.mark.parametrize("config", SAMPLING)
+def test_hand_sampler_is_transformers_sampling(config):
+    """The hand-written loop samples as transformers' generate does (same global RNG)."""
+    kw, ids, hf = SAMPLING[config], models.tokens(B, P), gpt2()
+    hf_kw = {"top_k": 0, **kw}  # transformers' default top_k is 50; 0 turns it off
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        expected = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=N,
+            do_sample=True,
+            pad_token_id=0,
+            **hf_kw,
+        )
+        torch.manual_seed(seed)
+        got = reference(hf, None, ids, N, pick=hand_sampler(torch.default_generator, **kw))
+        assert torch.equal(got, expected), f"seed {seed}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", SAMPLING)
+def test_sampling_matches_hand_written_hooks(backend, config):
+    kw, v, ids, hf = SAMPLING[config], vector(2.0), models.tokens(B, P), gpt2()
+    model = wrapped(backend)
+    program, block, edit = record(model, steer_all), hf.transformer.h[1], edit_all(v, {*range(N)})
+    outs = []
+    for seed in SEEDS:
+        got = iv.generate(
+            program, model, ids, max_new_tokens=N, at="all", v=v, do_sample=True, seed=seed, **kw
+        )
+        pick = hand_sampler(torch.Generator().manual_seed(seed), **kw)
+        assert torch.equal(got, reference(hf, block, ids, N, edit, pick=pick)), f"seed {seed}"
+        plain = reference(hf, None, ids, N, pick=hand_sampler(torch.Generator().manual_seed(seed)))
+        assert not torch.equal(got, plain), f"seed {seed}: the program changed nothing"
+        outs.append(got)
+    assert len({tuple(o.flatten().tolist()) for o in outs}) == len(SEEDS), "seeds agree"
+    assert not torch.equal(outs[0], reference(hf, block, ids, N, edit)), "sampling is greedy"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generator_is_advanced_not_reseeded(backend):
+    """Two calls with one generator continue its stream, as the hand-written loop does."""
+    kw, v, ids, hf = SAMPLING["top_p"], vector(2.0), models.tokens(B, P), gpt2()
+    model = wrapped(backend)
+    program, edit = record(model, steer_newest), edit_at(-1, v, {*range(N)})
+    mine, theirs = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    got = [
+        iv.generate(
+            program, model, ids, max_new_tokens=N, v=v, do_sample=True, generator=mine, **kw
+        )
+        for _ in range(2)
+    ]
+    pick = hand_sampler(theirs, **kw)
+    expected = [reference(hf, hf.transformer.h[1], ids, N, edit, pick=pick) for _ in range(2)]
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert not torch.equal(got[0], got[1])
+
+
+def test_global_generator_without_seed():
+    kw, v, ids, hf = SAMPLING["temperature-top_k-top_p"], vector(2.0), models.tokens(B, P), gpt2()
+    model = wrapped("torch")
+    torch.manual_seed(11)
+    got = iv.generate(
+        record(model, steer_all), model, ids, max_new_tokens=N, v=v, do_sample=True, **kw
+    )
+    torch.manual_seed(11)
+    pick = hand_sampler(torch.default_generator, **kw)
+    edit = edit_all(v, {*range(N)})
+    assert torch.equal(got, reference(hf, hf.transformer.h[1], ids, N, edit, pick=pick))
+
+
+@pytest.mark.parametrize(
+    "kw, error, match",
+    [
+        ({"temperature": 0}, ArgumentError, r"^temperature=0: must be a finite float > 0"),
+        ({"temperature": -0.5}, ArgumentError, r"^temperature=-0.5: must be a finite float"),
+        ({"temperature": float("nan")}, ArgumentError, r"^temperature=nan: must be a finite"),
+        ({"temperature": "hot"}, TypeError, r"^temperature='hot': pass a float > 0"),
+        ({"top_p": 0.0}, ArgumentError, r"^top_p=0.0: must lie in \(0, 1\]"),
+        ({"top_p": 1.5}, ArgumentError, r"^top_p=1.5: must lie in \(0, 1\]"),
+        ({"top_p": -0.1}, ArgumentError, r"^top_p=-0.1: must lie in \(0, 1\]"),
+        ({"top_k": 0}, ArgumentError, r"^top_k=0: must be an int >= 1.*or None"),
+        ({"top_k": -3}, ArgumentError, r"^top_k=-3: must be an int >= 1"),
+        ({"top_k": 2.5}, TypeError, r"^top_k=2.5: pass an int >= 1"),
+        ({"seed": 1, "generator": torch.Generator()}, ArgumentError, r"seed= or generator=, not"),
+        ({"seed": "1"}, TypeError, r"^seed='1': pass an int"),
+        ({"generator": 3}, TypeError, r"^generator=3: pass a torch.Generator"),
+        ({"do_sample": "yes"}, TypeError, r"^do_sample='yes': pass True"),
+        (
+            {"do_sample": False, "temperature": 0.5, "seed": 0},
+            ArgumentError,
+            r"^temperature=0.5, seed=0: sampling arguments, but do_sample=False.*do_sample=True",
+        ),
+    ],
+)
+def test_bad_sampling_arguments(kw, error, match):
+    model = wrapped("torch")
+    kw = {"do_sample": True, **kw}
+    with pytest.raises(error, match=match):
+        iv.generate(
+            record(model, steer_all), model, models.tokens(), max_new_tokens=2, v=vector(1), **kw
+        )
+
+
+def test_sampling_errors_are_value_errors():
+    assert issubclass(ArgumentError, ValueError) and issubclass(ArgumentError, iv.TraceveneError)
 
 
 # -- stopping ------------------------------------------------------------------------------

@@ -305,7 +305,7 @@ def test_push_to_hub_uploads_a_directory_that_loads_with_the_same_numbers(
     copy = fake_hub.store / "alice" / "das-layer1"
     assert files(copy) == ["README.md", "program.json", "tensors.safetensors"]
     card = (copy / "README.md").read_text()
-    assert "iv.Program.load(snapshot_download('alice/das-layer1'))" in card
+    assert "program = iv.Program.load('alice/das-layer1')  # from the hub" in card
     loaded = iv.Program.load(copy)
     assert_same_state(loaded, trained)
     ours, theirs = evaluate(trained, model, eval_data), evaluate(loaded, model, eval_data)
@@ -332,6 +332,117 @@ def test_push_to_hub_of_an_unsaveable_program_creates_no_repo(model, fake_hub):
     with pytest.raises(iv.RegistryError, match=r"cannot save a program that calls a ReLU"):
         t.program.push_to_hub("alice/p")
     assert fake_hub.instances == [] or fake_hub.instances[0].calls == []
+
+
+# -- Program.load from the hub (an offline hub cache) ----------------------------------------
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+OTHER_COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
+
+
+def add_to_hub_cache(cache: Path, repo_id: str, program_dir: Path, commit: str, ref="main"):
+    """Lay a saved program out as huggingface_hub caches a downloaded snapshot.
+
+    ``models--owner--name/blobs/<hash>`` holds the files, ``snapshots/<commit>/<file>``
+    links to them and ``refs/<ref>`` names the commit.
+    """
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for path in program_dir.iterdir():
+        blob = repo / "blobs" / f"{commit[:8]}-{path.name}"
+        shutil.copyfile(path, blob)
+        (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
+
+
+@pytest.fixture()
+def hub_cache(saved, model, user, tmp_path, monkeypatch) -> Path:
+    """An offline hub cache holding alice/das-layer1: main is trained, v0 untrained."""
+    cache = tmp_path / "hub-cache"
+    add_to_hub_cache(cache, "alice/das-layer1", saved, COMMIT)
+    build(model, user).save(tmp_path / "untrained")
+    add_to_hub_cache(cache, "alice/das-layer1", tmp_path / "untrained", OTHER_COMMIT, "v0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub read HF_HUB_OFFLINE when it was imported; Program.load reads it now
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the hub was contacted although HF_HUB_OFFLINE=1")
+
+    monkeypatch.setattr(huggingface_hub.hf_api.HfApi, "repo_info", no_network)
+    return cache
+
+
+def test_load_from_the_hub_cache_offline(hub_cache, trained, model, eval_data):
+    loaded = iv.Program.load("alice/das-layer1", cache_dir=hub_cache)
+    assert_same_state(loaded, trained)
+    ours, theirs = evaluate(trained, model, eval_data), evaluate(loaded, model, eval_data)
+    assert ours[0] == theirs[0] and torch.equal(ours[1], theirs[1])
+
+
+def test_load_from_the_hub_uses_hf_hub_cache(hub_cache, trained, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache))
+    assert_same_state(iv.Program.load("alice/das-layer1"), trained)
+
+
+def test_load_from_the_hub_at_a_revision(hub_cache, trained, model, user):
+    untrained = build(model, user)
+    for revision in ["v0", OTHER_COMMIT]:
+        loaded = iv.Program.load("alice/das-layer1", revision=revision, cache_dir=hub_cache)
+        assert_same_state(loaded, untrained)
+    assert iv.Program.load("alice/das-layer1", revision=COMMIT, cache_dir=hub_cache) == trained
+
+
+def test_load_from_the_hub_not_in_the_cache_says_where_it_looked(hub_cache):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"(?s)outgoing traffic has been disabled.*"
+        r"Program.load\('alice/other'\): there is no such local directory.*"
+        r"looked up as a Hugging Face hub repository in the local hub cache "
+        r"only \(HF_HUB_OFFLINE is set\)",
+    ):
+        iv.Program.load("alice/other", cache_dir=hub_cache)
+
+
+def test_a_local_directory_wins_over_the_hub(saved, trained, tmp_path, monkeypatch):
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a local directory was looked up on the hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(saved, tmp_path / "alice" / "das-layer1")
+    assert_same_state(iv.Program.load("alice/das-layer1"), trained)
+
+
+def test_load_from_the_hub_without_huggingface_hub_says_what_to_install(
+    saved, trained, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import raises ImportError
+    with pytest.raises(
+        ImportError,
+        match=r"^Program.load\('alice/p'\) \(not a local directory, so a hub repository\) "
+        r"needs the huggingface_hub package, which is not installed: pip install huggingface_hub",
+    ):
+        iv.Program.load("alice/p")
+    assert_same_state(iv.Program.load(saved), trained)  # directories need no hub
+    assert_same_state(iv.Program.load(str(saved)), trained)
+
+
+def test_load_of_a_missing_path_that_is_no_repo_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ["runs", "runs/das/v1", "./alice/p", str(tmp_path / "x")]:
+        with pytest.raises(iv.ProgramFormatError, match=r"is not a saved program"):
+            iv.Program.load(name)
+
+
+def test_hub_arguments_with_a_local_directory_are_refused(saved):
+    with pytest.raises(
+        iv.ArgumentError, match=r"revision, cache_dir and token apply to hub repositories"
+    ):
+        iv.Program.load(saved, revision="main")
 
 
 # -- other site shapes ----------------------------------------------------------------------

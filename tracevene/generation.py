@@ -1,17 +1,19 @@
-"""Intervened generation: greedy decoding with a program run on chosen forward passes."""
+"""Intervened generation: greedy or sampled decoding, a program run on chosen passes."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .backends.inputs import tokenize
-from .errors import BackendError, TraceveneError, closest
+from .backends.inputs import position_ids, tokenize
+from .errors import ArgumentError, ArgumentTypeError, BackendError, TraceveneError, closest
 from .ir.program import Program
 from .model import Model
+from .sampling import Sampler, sampler
 
 __all__ = ["generate"]
 
@@ -33,16 +35,25 @@ def generate(
     at: str | Iterable[int] = "all",
     sources: Sequence[Any] = (),
     eos_token_id: int | None = None,
+    do_sample: bool = False,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
     forward_kwargs: Mapping[str, Any] | None = None,
     **args: Any,
 ) -> Tensor:
-    """Generate tokens greedily while a program intervenes on chosen forward passes.
+    """Generate tokens (greedy or sampled) while a program intervenes on chosen passes.
 
     Decoding carries the model's KV cache from step to step (``use_cache=True``).
     **Step 0** is the forward pass over the whole prompt; **step s >= 1** is the pass
-    over the s-th generated token alone (sequence length 1). The next token is the
-    argmax of the last position's logits (greedy decoding only: no sampling, no beam
-    search). Everything runs under ``torch.no_grad()``.
+    over the s-th generated token alone (sequence length 1). The next token comes from
+    the last position's logits: their argmax by default (greedy), or with
+    ``do_sample=True`` a draw in transformers' default order: the logits in float32
+    divided by ``temperature``, then top-k, then top-p, then ``softmax`` and
+    ``torch.multinomial`` with the generator (see ``tracevene.sampling``). No beam
+    search. Everything runs under ``torch.no_grad()``.
 
     ``at`` chooses the passes that run the program; the others run the model plainly.
     Positions in the program index the tokens of the pass it runs in. In the prompt
@@ -76,6 +87,17 @@ def generate(
         eos_token_id: If given, a row that produces this token produces it for every
             later step, and generation stops once every row has. ``None`` (the
             default) always generates ``max_new_tokens`` tokens.
+        do_sample: Sample the next token instead of taking the argmax. The sampling
+            arguments below need it (with ``do_sample=False`` they raise).
+        temperature: Divides the logits before sampling (a float > 0; default 1.0).
+        top_k: Keep only the ``top_k`` most likely tokens (an int >= 1; default
+            ``None``, every token; transformers' ``generate`` defaults to 50).
+        top_p: Keep the most likely tokens whose probabilities add up to ``top_p``
+            (in (0, 1]; default 1.0, every token).
+        seed: Seed of a fresh ``torch.Generator`` on the model's device, so the same
+            seed gives the same tokens.
+        generator: A ``torch.Generator`` on the model's device, advanced by the draws
+            (instead of ``seed``). With neither, torch's global generator is used.
         forward_kwargs: Extra keyword arguments for every forward call.
         **args: Values of the program's placeholders (``t.arg(name)``), passed to
             every program run.
@@ -85,30 +107,42 @@ def generate(
         tokens (``new <= max_new_tokens``, fewer only after an early stop).
 
     Raises:
-        ValueError: A bad ``at``, ``max_new_tokens`` or prompt; the message says what
-            is valid.
+        ArgumentError: A bad ``at``, ``max_new_tokens`` or prompt, or a keyword that is
+            neither a decoding option nor a placeholder, or a bad sampling argument
+            (``temperature <= 0``, ``top_p`` outside (0, 1], ``top_k < 1``, both ``seed``
+            and ``generator``, or any of them without ``do_sample=True``); the message
+            says what is valid.
         BackendError: The model gives no KV cache on this backend.
         TraceveneError: A program run failed; the message starts with the step.
 
     Example:
-        Add a vector to the residual stream on every new token::
+        Add a vector to the residual stream on every new token:
 
             with iv.trace(model) as t:
                 t.layer[1].resid_post[:] += t.arg("v")
             ids = iv.generate(t.program, model, prompt, at="new", v=vector)
+
+        Sample with a seed (the same seed, the same tokens):
+
+            ids = iv.generate(
+                t.program, model, prompt, do_sample=True, temperature=0.8, top_p=0.9,
+                seed=0, v=vector,
+            )
     """
     if max_new_tokens is True or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(
+        raise ArgumentError(
             f"max_new_tokens={max_new_tokens!r}: pass a positive int, the number of "
             "tokens to generate."
         )
     steps = chosen_steps(at, max_new_tokens)
     if not isinstance(program, Program):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"iv.generate runs a recorded program, got {type(program).__name__}: record one "
             "with `with iv.trace(model) as t: ...` and pass t.program."
         )
+    _check_keywords(program, args)
     _check_model(model)
+    pick = sampler(do_sample, temperature, top_k, top_p, seed, generator, model.device)
     ids, mask = _prompt(model, prompt)
     extra = dict(forward_kwargs or {})
     out, cache = ids, None
@@ -121,7 +155,7 @@ def generate(
             else:
                 output = _run_plain(model, {**extra, **inputs})
             logits, cache = _logits_and_cache(output, model)
-            token = _next_token(logits, done, eos_token_id).to(out.dtype)
+            token = _next_token(logits, pick, done, eos_token_id).to(out.dtype)
             out = torch.cat([out, token[:, None]], dim=1)
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
@@ -142,12 +176,12 @@ def chosen_steps(at: str | Iterable[int], max_new_tokens: int) -> frozenset[int]
     if isinstance(at, str):
         if at not in MODES:
             near = closest(at, MODES, n=1)[0]
-            raise ValueError(f"at={at!r} is not a generation mode (closest: {near!r}); {valid}.")
+            raise ArgumentError(f"at={at!r} is not a generation mode (closest: {near!r}); {valid}.")
         steps = {"prompt": {0}, "new": set(range(1, max_new_tokens))}.get(
             at, set(range(max_new_tokens))
         )
         if not steps:
-            raise ValueError(
+            raise ArgumentError(
                 f"at={at!r} chooses no pass with max_new_tokens={max_new_tokens}: the last "
                 "generated token is never fed back, so there are no new-token passes. "
                 "Raise max_new_tokens, or use at='prompt' / 'all'."
@@ -160,18 +194,20 @@ def _step_numbers(at: Any, max_new_tokens: int, valid: str) -> set[int]:
     try:
         steps = list(at)
     except TypeError:
-        raise TypeError(f"at={at!r} is neither a mode nor an iterable of steps; {valid}.") from None
+        raise ArgumentTypeError(
+            f"at={at!r} is neither a mode nor an iterable of steps; {valid}."
+        ) from None
     bad = [s for s in steps if isinstance(s, bool) or not isinstance(s, int)]
     if bad:
-        raise TypeError(f"at={at!r} holds non-integer steps {bad!r}; {valid}.")
+        raise ArgumentTypeError(f"at={at!r} holds non-integer steps {bad!r}; {valid}.")
     if not steps:
-        raise ValueError(
+        raise ArgumentError(
             f"at={at!r} chooses no step, so the program would never run; {valid}. To "
             "generate without interventions, use the model's own generate()."
         )
     outside = sorted(s for s in set(steps) if not 0 <= s < max_new_tokens)
     if outside:
-        raise ValueError(
+        raise ArgumentError(
             f"at={at!r}: step(s) {outside} never run with max_new_tokens={max_new_tokens} "
             f"(steps 0..{max_new_tokens - 1} do); {valid}. Raise max_new_tokens or drop "
             "those steps."
@@ -179,10 +215,30 @@ def _step_numbers(at: Any, max_new_tokens: int, valid: str) -> set[int]:
     return set(steps)
 
 
+def _check_keywords(program: Program, args: Mapping[str, Any]) -> None:
+    """Refuse keywords that are neither decoding options nor the program's placeholders."""
+    unknown = [a for a in args if a not in program.args]
+    if not unknown:
+        return
+    options = [
+        p.name
+        for p in inspect.signature(generate).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    near = closest(unknown[0], [*options, *program.args], n=1)[0]
+    raise ArgumentError(
+        f"iv.generate got unknown keyword(s) {unknown} (closest: {near!r}): they are neither "
+        f"decoding options nor placeholders of the program. The decoding options are "
+        f"{', '.join(options)}; the program's placeholders (t.arg(name)) are "
+        f"{', '.join(program.args) or 'none'}. Fix the spelling, or pass other forward "
+        "arguments as forward_kwargs={...}."
+    )
+
+
 def _check_model(model: Any) -> None:
     """Refuse models that cannot generate with a KV cache here."""
     if not isinstance(model, Model):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"iv.generate needs a tracevene Model, got {type(model).__name__}: wrap it "
             "first, iv.wrap(hf_model, backend='torch')."
         )
@@ -207,13 +263,13 @@ def _prompt(model: Model, prompt: Any) -> tuple[Tensor, Tensor | None]:
     if isinstance(prompt, Tensor):
         prompt = {"input_ids": prompt}
     if not isinstance(prompt, Mapping):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"cannot generate from a {type(prompt).__name__}: pass token ids (a LongTensor "
             "[batch, pos]), a dict with 'input_ids' (and 'attention_mask'), or text."
         )
     unknown = sorted(set(prompt) - set(PROMPT_KEYS))
     if unknown or "input_ids" not in prompt:
-        raise ValueError(
+        raise ArgumentError(
             f"a prompt dict takes 'input_ids' (required) and 'attention_mask'; got "
             f"{sorted(prompt)}. Pass other forward arguments as forward_kwargs={{...}}."
         )
@@ -227,7 +283,7 @@ def _prompt(model: Model, prompt: Any) -> tuple[Tensor, Tensor | None]:
 def _as_ids(ids: Any) -> Tensor:
     ids = torch.as_tensor(ids)
     if ids.dim() != 2 or ids.dtype.is_floating_point or ids.shape[1] == 0:
-        raise ValueError(
+        raise ArgumentError(
             f"prompt token ids must be an integer tensor [batch, pos] with pos >= 1; got "
             f"{ids.dtype} of shape {tuple(ids.shape)}. Add a batch dimension with ids[None]."
         )
@@ -236,13 +292,13 @@ def _as_ids(ids: Any) -> Tensor:
 
 def _check_mask(mask: Tensor, ids: Tensor) -> Tensor:
     if mask.shape != ids.shape:
-        raise ValueError(
+        raise ArgumentError(
             f"attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(ids.shape)}; "
             "they must match."
         )
     right = (mask[:, -1] == 0).nonzero().flatten().tolist()
     if right:
-        raise ValueError(
+        raise ArgumentError(
             f"prompt row(s) {right} end in padding (attention_mask 0 at the last position): "
             "new tokens are appended after the last position, so pad on the left "
             "(tokenizer.padding_side = 'left')."
@@ -256,9 +312,10 @@ def _step_inputs(ids: Tensor, mask: Tensor | None, cache: Any, step: int) -> dic
     if step > 0:
         inputs["past_key_values"] = cache
     if mask is not None:  # positions count real tokens only, as in HF's generate
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         inputs["attention_mask"] = mask
-        inputs["position_ids"] = positions[:, -ids.shape[1] :]
+        positions = position_ids(mask, ids.shape[1])
+        if positions is not None:
+            inputs["position_ids"] = positions
     return inputs
 
 
@@ -305,9 +362,9 @@ def _run_plain(model: Model, kwargs: dict[str, Any]) -> Any:
     return model.module(**kwargs)
 
 
-def _next_token(logits: Tensor, done: Tensor, eos_token_id: int | None) -> Tensor:
-    """Greedy next token per row (``eos`` for finished rows); marks rows that finish."""
-    token = logits[:, -1].argmax(-1)
+def _next_token(logits: Tensor, pick: Sampler, done: Tensor, eos_token_id: int | None) -> Tensor:
+    """Next token per row (``eos`` for finished rows); marks rows that finish."""
+    token = pick(logits[:, -1])
     if eos_token_id is not None:
         token = torch.where(done, torch.full_like(token, eos_token_id), token)
         done |= token == eos_token_id

@@ -99,10 +99,10 @@ class Node:
 
     Args:
         id: Position of the node in the program (nodes refer to earlier ids only).
-        op: One of :data:`OPS`.
+        op: One of ``OPS``.
         target: Site, function, method, module key, placeholder or save name.
         run: For ``read`` / ``write``: 0 is the base run, k >= 1 the k-th source.
-        args: Positional arguments: :class:`Ref`, numbers, strings, ``None``,
+        args: Positional arguments: ``Ref``, numbers, strings, ``None``,
             slices, ``...``, dtypes, and tuples / lists of those.
         kwargs: Keyword arguments as ``(name, value)`` pairs.
         loc: The user's ``file:line`` that recorded the node.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -9,12 +11,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ProgramFormatError, SiteError
+from ..errors import ArgumentError, ProgramFormatError, SiteError
 from ..sites.vocab import display, parse
 from .nodes import OPS, Node, Ref, check_method, resolve_function
 
 if TYPE_CHECKING:
     from ..backends.cache import SourceCache
+    from ..bound import BoundProgram
     from ..model import Model
     from ..result import Result
 
@@ -23,7 +26,7 @@ class Program:
     """An intervention program: nodes in program order, plus modules and constants.
 
     A program holds no activations; backends keep values in their own environment
-    while running it. Build programs with :func:`tracevene.trace`.
+    while running it. Build programs with ``iv.trace``.
 
     Args:
         nodes: Nodes in program order; node ``i`` has id ``i``.
@@ -48,7 +51,7 @@ class Program:
     # -- structure -----------------------------------------------------------
     @property
     def args(self) -> list[str]:
-        """Names of the placeholders that :meth:`run` must be given."""
+        """Names of the placeholders that ``run`` must be given."""
         return [n.target for n in self.nodes if n.op == "arg"]
 
     @property
@@ -57,7 +60,7 @@ class Program:
         return [n.target for n in self.nodes if n.op == "save" and n.target is not None]
 
     def validate(self) -> None:
-        """Check every node; raise :class:`ProgramFormatError` naming the first bad one."""
+        """Check every node; raise ``iv.ProgramFormatError`` naming the first bad one."""
         for i, node in enumerate(self.nodes):
             try:
                 self._check(i, node)
@@ -117,13 +120,13 @@ class Program:
         """Run the program on ``model``.
 
         Args:
-            model: A :class:`tracevene.Model` (or a module, wrapped as by ``iv.wrap``).
+            model: An ``iv.Model`` (or a module, wrapped as by ``iv.wrap``).
             base: Inputs of the base run (token ids, a dict, text, or a module's input).
             sources: Inputs of each source run, in order.
             schedule: ``"auto"``, ``"batched"`` (base and sources in one forward pass
                 where the program allows) or ``"sequential"`` (one pass per run).
             forward_kwargs: Extra keyword arguments for every forward call.
-            source_cache: A :class:`tracevene.SourceCache` shared by runs over recurring
+            source_cache: An ``iv.SourceCache`` shared by runs over recurring
                 sources: a source pass that only reads clean activations is served from
                 it when its inputs (and placeholders) were seen before.
             **args: Values of the placeholders (``t.arg(name)``).
@@ -135,14 +138,14 @@ class Program:
 
         model = as_model(model)
         if len(sources) != self.n_sources:
-            raise ValueError(
+            raise ArgumentError(
                 f"this program has {self.n_sources} source run(s) but got {len(sources)} "
                 "source input(s): pass sources=[...] with one input per t.source()."
             )
         missing = [a for a in self.args if a not in args]
         extra = [a for a in args if a not in self.args]
         if missing or extra:
-            raise ValueError(
+            raise ArgumentError(
                 f"placeholders: program needs {self.args or 'none'}; missing {missing}, "
                 f"unexpected {extra}. Pass them as program.run(..., name=value)."
             )
@@ -154,6 +157,42 @@ class Program:
             dict(forward_kwargs or {}),
             schedule,
             source_cache,
+        )
+
+    def bind(
+        self,
+        model: Model | nn.Module,
+        *,
+        schedule: str = "auto",
+        forward_kwargs: Mapping[str, Any] | None = None,
+        **args: Any,
+    ) -> BoundProgram:
+        """This program bound to ``model``: an ``nn.Module`` to train and call like any other.
+
+        ``bound(base, sources=())`` runs ``self.run(model, base, sources, **args)`` and
+        returns the ``iv.Result``. ``bound.parameters()`` and ``bound.state_dict()``
+        are exactly those of the program's intervention modules (the same objects,
+        under ``interventions.<key>``), never the model's, so a plain
+        ``torch.optim.Adam(bound.parameters())`` trains the program and leaves the
+        model as it was.
+
+        Args:
+            model: An ``iv.Model`` (or a module, wrapped as by ``iv.wrap``).
+            schedule: Passed to every ``run``.
+            forward_kwargs: Passed to every ``run``.
+            **args: Placeholder values for every call (a call may pass or override them).
+
+        Returns:
+            An ``iv.BoundProgram``.
+
+        Raises:
+            ArgumentError: ``args`` names something that is not a placeholder.
+        """
+        from ..bound import BoundProgram
+        from ..model import as_model
+
+        return BoundProgram(
+            self, as_model(model), schedule=schedule, forward_kwargs=forward_kwargs, args=args
         )
 
     # -- files ---------------------------------------------------------------
@@ -185,10 +224,9 @@ class Program:
     ) -> str:
         """Upload the saved program to a Hugging Face hub model repository.
 
-        Saves to a temporary directory (as :meth:`save`, with a model card whose
+        Saves to a temporary directory (as ``save``, with a model card whose
         loading example downloads ``repo_id``), creates the repository if needed and
-        uploads the files. Load it back with
-        ``iv.Program.load(huggingface_hub.snapshot_download(repo_id))``.
+        uploads the files. Load it back with ``iv.Program.load(repo_id)``.
 
         Args:
             repo_id: ``"user/name"`` or ``"org/name"``.
@@ -221,11 +259,48 @@ class Program:
         return str(getattr(info, "commit_url", None) or repo)
 
     @classmethod
-    def load(cls, directory: str | Path) -> Program:
-        """Load a directory written by :meth:`save`; never executes code from it."""
+    def load(
+        cls,
+        name_or_path: str | Path,
+        *,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        token: str | None = None,
+    ) -> Program:
+        """Load a program saved by ``save``, or pushed by ``push_to_hub``; never runs its code.
+
+        An existing directory is loaded as it is. Otherwise a string ``"owner/name"``
+        is a Hugging Face hub model repository: its ``program.json`` and
+        ``tensors.safetensors`` are fetched with ``huggingface_hub.snapshot_download``
+        (into the hub cache, ``HF_HUB_CACHE``), or only looked up there when
+        ``HF_HUB_OFFLINE=1``.
+
+        Args:
+            name_or_path: A directory written by ``save``, or a hub repository id.
+            revision: The hub branch, tag or commit (default: ``"main"``).
+            cache_dir: The hub cache to use instead of the default one.
+            token: A hub token for private repositories (default: the stored one).
+
+        Returns:
+            The program, with its modules' trained weights.
+
+        Raises:
+            ProgramFormatError: The directory is not a saved program, or is damaged.
+            ImportError: A hub id was given but ``huggingface_hub`` is not installed.
+            OSError: The hub repository could not be fetched (not found, offline and
+                not in the cache); huggingface_hub's own error, with a note.
+        """
         from .serialize import load_program
 
-        return load_program(Path(directory))
+        directory = Path(name_or_path)
+        if isinstance(name_or_path, str) and not directory.exists() and _is_repo_id(name_or_path):
+            directory = _download(name_or_path, revision, cache_dir, token)
+        elif revision is not None or cache_dir is not None or token is not None:
+            raise ArgumentError(
+                f"Program.load({str(name_or_path)!r}): revision, cache_dir and token apply "
+                "to hub repositories ('owner/name'), not to a local directory; drop them."
+            )
+        return load_program(directory)
 
     # -- printing ------------------------------------------------------------
     def __str__(self) -> str:
@@ -254,17 +329,62 @@ class Program:
     __hash__ = None  # type: ignore[assignment]
 
 
-def _huggingface_hub() -> Any:
+def _huggingface_hub(
+    what: str = "Program.push_to_hub",
+    instead: str = "program.save(directory) writes the same files for any upload",
+) -> Any:
     """The ``huggingface_hub`` package, or an ImportError that says how to install it."""
     try:
         import huggingface_hub
     except ImportError:
         raise ImportError(
-            "Program.push_to_hub needs the huggingface_hub package, which is not "
+            f"{what} needs the huggingface_hub package, which is not "
             "installed: pip install huggingface_hub (or pip install 'tracevene[hf]'). "
-            "Without it, program.save(directory) writes the same files for any upload."
+            f"Without it, {instead}."
         ) from None
     return huggingface_hub
+
+
+#: A hub repository id as ``push_to_hub`` takes it: ``owner/name``.
+REPO_ID = r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*"
+
+
+def _is_repo_id(name: str) -> bool:
+    return re.fullmatch(REPO_ID, name) is not None and ".." not in name and "--" not in name
+
+
+def _download(repo_id: str, revision: str | None, cache_dir: Any, token: str | None) -> Path:
+    """The local snapshot of a hub repository's program files (downloaded if needed)."""
+    from .serialize import GRAPH_FILE, TENSOR_FILE
+
+    hub = _huggingface_hub(
+        f"Program.load({repo_id!r}) (not a local directory, so a hub repository)",
+        "download the repository yourself and pass its directory",
+    )
+    try:
+        path = hub.snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            allow_patterns=[GRAPH_FILE, TENSOR_FILE],
+            local_files_only=_offline(hub),
+        )
+    except OSError as e:
+        e.add_note(
+            f"Program.load({repo_id!r}): there is no such local directory (relative to "
+            f"{os.getcwd()}), so it was looked up as a Hugging Face hub repository"
+            + (" in the local hub cache only (HF_HUB_OFFLINE is set)" if _offline(hub) else "")
+            + "."
+        )
+        raise
+    return Path(path)
+
+
+def _offline(hub: Any) -> bool:
+    """``HF_HUB_OFFLINE`` as set now, or as huggingface_hub read it when imported."""
+    now = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return now or bool(getattr(hub.constants, "HF_HUB_OFFLINE", False))
 
 
 def run_name(run: int) -> str:

@@ -1,7 +1,7 @@
 """Programs on disk: versioned JSON for the graph, safetensors for tensors.
 
 Schema: ``dsl/schema/program.v1.json``. No pickle; loading executes no code from
-the files; every damaged directory raises :class:`ProgramFormatError`. A saved
+the files; every damaged directory raises ``iv.ProgramFormatError``. A saved
 directory also holds a ``README.md`` model card (Hugging Face front matter plus a
 description of the program) that loading ignores.
 """
@@ -63,7 +63,7 @@ def encode(x: Any) -> Any:
 
 
 def decode(x: Any) -> Any:
-    """The inverse of :func:`encode`; rejects anything else."""
+    """The inverse of ``encode``; rejects anything else."""
     if isinstance(x, list):
         return [decode(v) for v in x]
     if not isinstance(x, dict):
@@ -293,11 +293,7 @@ def _card_loading(program: Program, modules: dict[str, dict], name: str, hub: bo
     if any(cls.__module__ == "__main__" for cls in users):
         lines.append("# first define the user-defined interventions listed under Modules")
     if hub:
-        lines += [
-            "from huggingface_hub import snapshot_download",
-            "",
-            f"program = iv.Program.load(snapshot_download({name!r}))",
-        ]
+        lines += ["", f"program = iv.Program.load({name!r})  # from the hub (huggingface_hub)"]
     else:
         lines += ["", f"program = iv.Program.load({name!r})  # this directory"]
     sources = ", ".join(f"source{i}" for i in range(1, program.n_sources + 1))
