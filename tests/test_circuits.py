@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tracevene as iv
-from tests import models
+from tests import models, numerics
 from tracevene.patching import head_means, run_circuit
 
 BACKENDS = ["torch", "nnsight", "transformer_lens"]
@@ -63,7 +63,7 @@ def test_equals_mean_ablation_by_plain_hooks(backend):
     got = run_circuit(iv.wrap(hf, backend=backend), inputs, keep, reference,
                       groups=(in_groups, ref_groups))  # fmt: skip
     expected = _reference(hf, inputs, keep, reference, (ref_groups, in_groups))
-    assert torch.allclose(got, expected, atol=1e-5)
+    numerics.assert_close(got, expected, what="circuit logits vs mean ablation by plain hooks")
     with torch.no_grad():
         assert (got - hf(inputs).logits).abs().max() > 1e-2  # the ablation did something
 
@@ -88,8 +88,10 @@ def test_keeping_every_head_changes_nothing():
     inputs = _ids(0, 3)
     keep = [(layer, h) for layer in range(3) for h in range(4)]
     with torch.no_grad():
-        assert torch.allclose(run_circuit(hf, inputs, keep, _ids(1, 5)), hf(inputs).logits,
-                              atol=1e-6)  # fmt: skip
+        numerics.assert_close(
+            run_circuit(hf, inputs, keep, _ids(1, 5)), hf(inputs).logits,
+            what="every head kept vs the clean logits",
+        )  # fmt: skip
 
 
 def test_head_means_per_group():
@@ -100,7 +102,9 @@ def test_head_means_per_group():
     with iv.trace(model, reference) as t:
         z = t.layer[1].attn.z.save()
     assert means[1].shape == (2, 6, 4, 8)
-    assert torch.allclose(means[1][1], z.value[groups == 1].mean(0), atol=1e-6)
+    numerics.assert_close(
+        means[1][1], z.value[groups == 1].mean(0), what="group mean of z", ulps=numerics.OP
+    )
 
 
 @pytest.mark.parametrize(

@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 import models
+import numerics
 import tracevene as iv
 
 B, P, D = 2, 6, 32
 
 
-def close(a, b):
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+def close(a, b, what="program result vs the plain-hook reference"):
+    numerics.assert_close(a, b, what=what)
 
 
 def forward(module: nn.Module, ids: torch.Tensor, read=(), edit=None):
@@ -95,8 +96,8 @@ def test_batched_and_sequential_agree(gpt2, model, ids):
     seq = program.run(model, ids[0], [ids[1]], schedule="sequential")
     bat = program.run(model, ids[0], [ids[1]], schedule="batched")
     for name in ("diff", "src_logits", "logits"):
-        torch.testing.assert_close(seq[name], bat[name], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(seq.output.logits, bat.output.logits, rtol=1e-6, atol=1e-6)
+        close(seq[name], bat[name], what=f"{name}: sequential vs batched schedule")
+    close(seq.output.logits, bat.output.logits, what="logits: sequential vs batched schedule")
     assert bat.output.logits.shape == (B, P, models.VOCAB)  # the base's rows only
     assert (seq.plan.mode, bat.plan.mode) == ("sequential", "batched")
     assert bat.plan.describe().splitlines() == ["pass 1: base+src1 (batched, 4 hook points)"]

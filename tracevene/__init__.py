@@ -3,11 +3,22 @@
 from . import metrics as metrics
 from . import patching as patching
 from .backends.cache import SourceCache as SourceCache
+from .backends.inputs import last_token_positions as last_token_positions
+from .bound import BoundProgram as BoundProgram
+from .errors import (
+    ArgumentError as ArgumentError,
+)
+from .errors import (
+    ArgumentTypeError as ArgumentTypeError,
+)
 from .errors import (
     BackendError as BackendError,
 )
 from .errors import (
     ExecutionError as ExecutionError,
+)
+from .errors import (
+    MissingKeyError as MissingKeyError,
 )
 from .errors import (
     NotRunError as NotRunError,

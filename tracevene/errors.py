@@ -10,6 +10,9 @@ from collections.abc import Iterable
 
 __all__ = [
     "TraceveneError",
+    "ArgumentError",
+    "ArgumentTypeError",
+    "MissingKeyError",
     "TraceError",
     "SiteError",
     "ShapeError",
@@ -24,6 +27,21 @@ __all__ = [
 
 class TraceveneError(Exception):
     """Base class of every error tracevene raises on purpose."""
+
+
+class ArgumentError(TraceveneError, ValueError):
+    """An argument whose value is not one the function takes (also a ``ValueError``)."""
+
+
+class ArgumentTypeError(TraceveneError, TypeError):
+    """An argument of a type the function does not take (also a ``TypeError``)."""
+
+
+class MissingKeyError(TraceveneError, KeyError):
+    """A name looked up that is not there: a save of a result, a key of a batch."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class TraceError(TraceveneError):

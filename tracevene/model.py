@@ -11,15 +11,16 @@ import torch
 from torch import nn
 
 from .backends.base import Backend, get_backend
+from .errors import ArgumentTypeError
 
 
 class Model:
-    """A model wrapped for tracevene. Create with :func:`wrap` or :func:`load`.
+    """A model wrapped for tracevene. Create with ``iv.wrap`` or ``iv.load``.
 
     Attributes:
-        module: The torch module the backend runs.
-        tokenizer: The tokenizer used for string inputs (or ``None``).
-        backend: The backend object.
+        module (nn.Module): The torch module the backend runs.
+        tokenizer (Any): The tokenizer used for string inputs (or ``None``).
+        backend (Backend): The backend object (torch hooks, nnsight or TransformerLens).
     """
 
     def __init__(self, module: nn.Module, backend: Backend, tokenizer: Any = None):
@@ -54,11 +55,21 @@ class Model:
         return self.resolver.sites()
 
     def check_site(self, site: str) -> None:
-        """Raise a clear :class:`tracevene.errors.SiteError` if ``site`` is not valid here."""
+        """Raise a clear ``iv.SiteError`` if ``site`` is not valid here."""
         self.backend.check_site(self, site)
 
     def to_backend(self, name: str) -> Model:
-        """The same weights under another backend (wrapping the caller's module anew)."""
+        """The same weights under another backend (wrapping the caller's module anew).
+
+        Args:
+            name: ``"torch"``, ``"nnsight"`` or ``"transformer_lens"``.
+
+        Returns:
+            A new ``iv.Model`` with the same tokenizer.
+
+        Raises:
+            BackendError: Unknown name, or its package is not installed.
+        """
         return Model(self.wrapped, get_backend(name), self.tokenizer)
 
     @property
@@ -88,7 +99,11 @@ def wrap(model: nn.Module | Model, backend: str | None = None, tokenizer: Any = 
     if isinstance(model, Model):
         return model if backend in (None, model.backend.name) else model.to_backend(backend)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"iv.wrap expects a torch nn.Module, got {type(model).__name__}")
+        raise ArgumentTypeError(
+            f"iv.wrap expects a torch nn.Module, got {type(model).__name__}: pass the model "
+            "itself (e.g. AutoModelForCausalLM.from_pretrained(...)), or load one by name "
+            "with iv.load(name_or_path)."
+        )
     if model.training and _has_dropout(model):
         warnings.warn(
             f"{type(model).__name__} is in training mode, so dropout makes every run random; "
@@ -111,7 +126,10 @@ def as_model(model: Any) -> Model:
         return model
     if isinstance(model, nn.Module):
         return wrap(model)
-    raise TypeError(f"expected a tracevene Model or a torch nn.Module, got {type(model).__name__}")
+    raise ArgumentTypeError(
+        f"expected a tracevene Model or a torch nn.Module, got {type(model).__name__}: pass "
+        "iv.wrap(module) or the nn.Module itself."
+    )
 
 
 def load(name_or_path: str, backend: str | None = None, **from_pretrained_kwargs: Any) -> Model:
@@ -119,7 +137,7 @@ def load(name_or_path: str, backend: str | None = None, **from_pretrained_kwargs
 
     Args:
         name_or_path: Hub id or local directory.
-        backend: As in :func:`wrap`.
+        backend: As in ``iv.wrap``.
         **from_pretrained_kwargs: Passed to ``from_pretrained``.
     """
     import transformers

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .errors import TraceError
+from .errors import MissingKeyError, TraceError
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Result:
         """``result["name"]``, or ``result[saved_handle]``."""
         if isinstance(key, str):
             if key not in self.saves:
-                raise KeyError(
+                raise MissingKeyError(
                     f"no save named {key!r}; named saves: {', '.join(self.saves) or 'none'}"
                 )
             return self.saves[key]

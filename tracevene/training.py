@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .backends.cache import SourceCache
+from .errors import ArgumentError, ArgumentTypeError, MissingKeyError
 from .ir.program import Program
 from .model import Model, as_model
 from .result import Result
@@ -35,12 +36,12 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 
 @dataclass
 class History:
-    """What :func:`train` did.
+    """What ``iv.train`` did.
 
     Attributes:
         loss: Training loss of every optimizer step (mean over its batches).
         metric: Mean training metric of each epoch (when ``metric_fn`` was given).
-        eval: :func:`evaluate` on ``eval_data`` after each epoch (when given).
+        eval: ``iv.evaluate`` on ``eval_data`` after each epoch (when given).
         temperature: Temperature at each optimizer step (annealed interventions only).
     """
 
@@ -90,7 +91,7 @@ def train(
 
     Args:
         program: A program whose ``call_module`` nodes hold the trainable interventions.
-        model: The model (a :class:`tracevene.Model`, or a module, wrapped as by ``iv.wrap``).
+        model: The model (an ``iv.Model``, or a module, wrapped as by ``iv.wrap``).
         data: Batches (dicts, see the module docstring); iterated once per epoch.
         loss_fn: ``loss_fn(result, batch) -> scalar``; default: cross-entropy of
             ``batch["labels"]`` at the last position.
@@ -107,11 +108,11 @@ def train(
             buffer along its ``temperature_schedule`` (geometrically, over all steps);
             ``(start, end)`` sets the schedule for all; ``None`` leaves them alone.
         metric_fn: ``metric_fn(result, batch) -> per-example values`` shown in the
-            progress bar and averaged per epoch (e.g. :func:`default_metric`).
+            progress bar and averaged per epoch (e.g. ``default_metric``).
         eval_data: Batches evaluated with ``metric_fn`` (default IIA) after each epoch.
         seed: Seed set before training (``None``: leave the random state alone).
         progress: Show a progress bar with the loss (and the metric).
-        schedule: How runs are scheduled (see :meth:`tracevene.Program.run`).
+        schedule: How runs are scheduled (see ``iv.Program.run``).
         forward_kwargs: Extra keyword arguments for every forward call. With the
             default loss and metric (which read the last position only), a model whose
             forward takes ``logits_to_keep`` gets ``logits_to_keep=1`` unless the
@@ -203,10 +204,10 @@ def evaluate(
         metric_fn: ``metric_fn(result, batch) -> per-example values`` (or one value
             per batch, weighted by the batch size); default: IIA against
             ``batch["labels"]`` at the last position.
-        schedule: How runs are scheduled (see :meth:`tracevene.Program.run`).
+        schedule: How runs are scheduled (see ``iv.Program.run``).
         progress: Show a progress bar with the running mean.
         forward_kwargs: Extra keyword arguments for every forward call (with the
-            default metric, ``logits_to_keep=1`` is added as in :func:`train`).
+            default metric, ``logits_to_keep=1`` is added as in ``iv.train``).
     """
     model = as_model(model)
     metric_fn = metric_fn or default_metric
@@ -228,7 +229,7 @@ def evaluate(
     finally:
         _restore_modes(modes)
     if count == 0:
-        raise ValueError("evaluate() got no batches: data is empty")
+        raise ArgumentError("evaluate() got no batches: data is empty; pass at least one batch")
     return total / count
 
 
@@ -348,17 +349,17 @@ def _forward_kwargs(
 
 def _unpack(program: Program, batch: Any) -> tuple[Any, list[Any], dict[str, Any]]:
     if not isinstance(batch, Mapping) or "base" not in batch:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"each batch must be a dict with the base inputs under 'base' (and 'sources' "
             f"or 'source', 'labels', placeholders); got {_describe(batch)}"
         )
     if "sources" in batch and "source" in batch:
-        raise ValueError("a batch has both 'sources' and 'source': use one of them")
+        raise ArgumentError("a batch has both 'sources' and 'source': use one of them")
     sources = list(batch["sources"]) if "sources" in batch else (
         [batch["source"]] if "source" in batch else [])  # fmt: skip
     missing = [a for a in program.args if a not in batch]
     if missing:
-        raise KeyError(
+        raise MissingKeyError(
             f"the program needs placeholder(s) {missing}, which the batch lacks (its keys: "
             f"{sorted(batch)}); add them to every batch under those names."
         )
@@ -373,7 +374,7 @@ def _describe(batch: Any) -> str:
 
 def _labels(batch: Mapping[str, Any]) -> Tensor:
     if "labels" not in batch:
-        raise KeyError(
+        raise MissingKeyError(
             f"the default loss and metric compare with batch['labels'], which this batch "
             f"lacks (keys: {sorted(batch)}); add labels or pass loss_fn / metric_fn."
         )
@@ -395,7 +396,7 @@ def _trainable(program: Program) -> list[nn.Parameter]:
             if p.requires_grad:
                 seen.setdefault(id(p), p)
     if not seen:
-        raise ValueError(
+        raise ArgumentError(
             "this program has no trainable parameters: call a trainable intervention "
             "(e.g. iv.RotatedSpace(d, k)) on traced values inside the trace block."
         )
@@ -404,11 +405,11 @@ def _trainable(program: Program) -> list[nn.Parameter]:
 
 def _check_settings(epochs: int, grad_accum: int, lr_schedule: str, optimizer: Any) -> None:
     if epochs < 1 or grad_accum < 1:
-        raise ValueError(f"epochs={epochs} and grad_accum={grad_accum} must be at least 1")
+        raise ArgumentError(f"epochs={epochs} and grad_accum={grad_accum} must be at least 1")
     if lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule={lr_schedule!r}: choose one of {LR_SCHEDULES}")
+        raise ArgumentError(f"lr_schedule={lr_schedule!r}: choose one of {LR_SCHEDULES}")
     if isinstance(optimizer, str) and optimizer not in OPTIMIZERS:
-        raise ValueError(
+        raise ArgumentError(
             f"optimizer={optimizer!r}: choose one of {tuple(OPTIMIZERS)}, or pass a "
             "function params -> torch.optim.Optimizer"
         )
@@ -423,7 +424,7 @@ def _seed(seed: int) -> None:
 def _total_steps(data: Any, epochs: int, grad_accum: int) -> int | None:
     if isinstance(data, Iterator):  # not iter(data) is data: that starts a DataLoader's workers
         if epochs > 1:
-            raise TypeError(
+            raise ArgumentTypeError(
                 "data is a one-shot iterator, but training runs more than one epoch: pass "
                 "a list, a Dataset-backed DataLoader, or any re-iterable collection."
             )
@@ -441,7 +442,7 @@ def _optimizer(optimizer: Any, params: list[nn.Parameter], lr: float) -> torch.o
 
 def _lr_factor(kind: str, warmup: int, steps: int | None) -> Callable[[int], float]:
     if kind != "constant" and steps is None:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"lr_schedule={kind!r} needs the number of steps, but data has no len(): pass "
             "a list or a DataLoader, or use lr_schedule='constant'."
         )
@@ -466,7 +467,7 @@ def _annealed(
     if temperature is None:
         return []
     if temperature != "auto" and not (isinstance(temperature, tuple) and len(temperature) == 2):
-        raise ValueError(f"temperature={temperature!r}: use 'auto', (start, end) or None")
+        raise ArgumentError(f"temperature={temperature!r}: use 'auto', (start, end) or None")
     out = []
     for module in {id(m): m for m in program.modules.values()}.values():
         schedule = getattr(module, "temperature_schedule", None)
@@ -474,7 +475,7 @@ def _annealed(
             continue
         start, end = schedule if temperature == "auto" else temperature
         if steps is None:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"annealing the temperature of {type(module).__name__} needs the number of "
                 "steps, but data has no len(): pass a list or a DataLoader, or "
                 "temperature=None to keep the temperature fixed."
@@ -494,9 +495,9 @@ def _anneal(annealed: list, step: int, history: History) -> None:
 def _check_loss(loss: Any) -> None:
     if not isinstance(loss, Tensor) or loss.dim() != 0:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-        raise ValueError(f"loss_fn must return a scalar tensor, got {shape}; take .mean()")
+        raise ArgumentError(f"loss_fn must return a scalar tensor, got {shape}; take .mean()")
     if not loss.requires_grad:
-        raise ValueError(
+        raise ArgumentError(
             "the loss does not depend on any trainable intervention: make sure the "
             "program writes an intervention's output into the model, and that loss_fn "
             "reads the result (result.output or a save) rather than a detached value."

@@ -12,12 +12,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import cached
 
-from ..errors import BackendError, closest
+from ..errors import ArgumentError, BackendError, closest
 from ..ir.program import Program
 from ..result import Result
 from ..sites.bind import Resolver
 from .cache import SourceCache, cacheable, compact, handed_on, pass_key
-from .inputs import Call, can_batch, to_call
+from .inputs import Call, can_batch, check_padding, to_call
 from .interpret import Env
 from .plan import Pass, make_plan
 
@@ -55,7 +55,7 @@ class Backend(ABC):
         return Resolver(module)
 
     def check_site(self, model: Model, site: str) -> None:
-        """Raise :class:`tracevene.errors.SiteError` if ``site`` is not valid on ``model``."""
+        """Raise ``iv.SiteError`` if ``site`` is not valid on ``model``."""
         model.resolver.bind(site)  # binding validates, and caches the hook point
 
     def to_call(self, model: Model, inputs: Any, forward_kwargs: dict[str, Any]) -> Call:
@@ -86,6 +86,7 @@ class Backend(ABC):
         """Run ``program`` with ``inputs[0]`` as the base and the rest as sources."""
         self.check_program(model, program)
         calls = [self.to_call(model, x, forward_kwargs) for x in inputs]
+        check_padding(program, calls)
 
         def locate(site: str) -> tuple[tuple[str, str], tuple]:
             b = model.resolver.bind(site)
@@ -128,7 +129,7 @@ class Backend(ABC):
 def run_mode(schedule: str, device: torch.device) -> str:
     """The schedule a run uses: ``"auto"`` resolved by device, others checked."""
     if schedule not in ("auto", "batched", "sequential"):
-        raise ValueError(
+        raise ArgumentError(
             f"schedule={schedule!r}: choose 'auto', 'batched' (base and sources in one "
             "forward pass where possible) or 'sequential' (one pass per run)."
         )
@@ -171,6 +172,18 @@ def get_backend(name: str) -> Backend:
     Raises:
         BackendError: Unknown name, or its package is not installed.
     """
+    require_installed(name)
+    module, cls = BACKENDS[name][:2]
+    return getattr(importlib.import_module(module), cls)()
+
+
+def require_installed(name: str) -> None:
+    """Check that backend ``name`` exists and its package is installed, importing nothing.
+
+    Raises:
+        BackendError: Unknown name, or its package is not installed (the message names
+            the pip extra).
+    """
     if name not in BACKENDS:
         if name in PLANNED:
             raise BackendError(
@@ -179,9 +192,8 @@ def get_backend(name: str) -> Backend:
             )
         near = ", ".join(closest(name, BACKENDS))
         raise BackendError(f"unknown backend {name!r}; closest: {near}.")
-    module, cls, extra, package = BACKENDS[name]
+    _, _, extra, package = BACKENDS[name]
     if package is not None and importlib.util.find_spec(package) is None:
         raise BackendError(
             f"the {name!r} backend needs the {package!r} package: pip install 'tracevene[{extra}]'"
         )
-    return getattr(importlib.import_module(module), cls)()

@@ -25,8 +25,8 @@ CACHEABLE_OPS = ("read", "getitem", "call_function", "call_method")
 class SourceCache:
     """Values handed on by source passes, keyed by the sources' inputs.
 
-    Pass one instance to every :meth:`tracevene.Program.run` over recurring data
-    (``program.run(..., source_cache=cache)``); :func:`tracevene.train` does this
+    Pass one instance to every ``iv.Program.run`` over recurring data
+    (``program.run(..., source_cache=cache)``); ``iv.train`` does this
     across epochs. Only valid while the model's weights stay the same.
     """
 

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+
+from ..errors import ArgumentError, ArgumentTypeError, ExecutionError
+from ..ir.nodes import Node, Ref
+from ..ir.program import Program, format_arg, format_index, run_name
+from ..sites.vocab import display, parse
 
 Call = tuple[tuple, dict]
 
@@ -21,7 +29,7 @@ def to_call(model: Any, inputs: Any, forward_kwargs: Mapping[str, Any]) -> Call:
     elif isinstance(inputs, tuple):
         args, kwargs = inputs, {}
     else:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"cannot use a {type(inputs).__name__} as model inputs: pass token ids, a dict "
             "of forward arguments, text (with a tokenizer), or the module's own input "
             "tensor / tuple of tensors."
@@ -30,7 +38,75 @@ def to_call(model: Any, inputs: Any, forward_kwargs: Mapping[str, Any]) -> Call:
     if hf:
         kwargs.setdefault("use_cache", False)
     device = model.device
-    return _to(args, device), {k: _to(v, device) for k, v in kwargs.items()}
+    args, kwargs = _to(args, device), {k: _to(v, device) for k, v in kwargs.items()}
+    if hf:
+        kwargs = with_position_ids(model.module, kwargs, _length(kwargs))
+    return args, kwargs
+
+
+def _length(kwargs: Mapping[str, Any]) -> int | None:
+    """The number of tokens a Hugging Face call runs (``None`` if it cannot tell)."""
+    for key in ("input_ids", "inputs_embeds"):
+        x = kwargs.get(key)
+        if isinstance(x, Tensor) and x.dim() >= 2:
+            return x.shape[1]
+    return None
+
+
+# -- positions of padded batches ---------------------------------------------------------
+def position_ids(mask: Tensor, length: int | None = None) -> Tensor | None:
+    """Position ids that give each row the positions of its prompt run alone.
+
+    A token's position counts the real tokens (``attention_mask`` 1) before it, as
+    Hugging Face's ``generate`` counts them (padding before the first real token gets
+    position 0; padding is masked out of attention, so its position is moot). Only rows where
+    padding moves a real token off the model's default position (``0, 1, ...``: a pad
+    before a real token, as in left padding) get these positions; the other rows keep
+    the defaults, so right-padded and unpadded rows run exactly as without this.
+
+    Args:
+        mask: The attention mask ``[batch, pos]`` (1 real token, 0 padding), covering
+            any cached tokens before the ones this call runs.
+        length: How many tokens the call runs (the last ``length`` columns of the
+            mask; default all of them).
+
+    Returns:
+        A LongTensor ``[batch, length]``, or ``None`` where every row keeps the
+        default positions (then the model computes them itself).
+    """
+    mask = mask.long()
+    length = mask.shape[1] if length is None else length
+    derived = (mask.cumsum(-1) - 1).clamp(min=0)[:, -length:]
+    default = torch.arange(mask.shape[1], device=mask.device)[-length:].expand_as(derived)
+    moved = ((derived != default) & (mask[:, -length:] != 0)).any(-1, keepdim=True)
+    if not bool(moved.any()):
+        return None
+    return torch.where(moved, derived, default)
+
+
+def with_position_ids(module: nn.Module, kwargs: dict[str, Any], length: int | None) -> dict:
+    """``kwargs`` plus ``position_ids`` from the attention mask where padding needs them.
+
+    Left padding otherwise shifts every real token of a shorter prompt to a later
+    position (models with learned positions, such as GPT-2, then compute other
+    values). Nothing changes when ``kwargs`` already hold ``position_ids``, have no
+    2-D attention mask, or ``module``'s forward takes no ``position_ids``.
+    """
+    mask = kwargs.get("attention_mask")
+    if "position_ids" in kwargs or length is None or not isinstance(mask, Tensor):
+        return kwargs
+    if mask.dim() != 2 or mask.shape[1] < length or not _takes_position_ids(type(module)):
+        return kwargs
+    positions = position_ids(mask, length)
+    return kwargs if positions is None else {**kwargs, "position_ids": positions}
+
+
+@functools.cache
+def _takes_position_ids(cls: type) -> bool:
+    try:
+        return "position_ids" in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def tokenize(model: Any, inputs: Any, what: str = "inputs") -> Any:
@@ -38,7 +114,7 @@ def tokenize(model: Any, inputs: Any, what: str = "inputs") -> Any:
     if not (isinstance(inputs, str) or (isinstance(inputs, list) and _all_str(inputs))):
         return inputs
     if model.tokenizer is None:
-        raise ValueError(
+        raise ArgumentError(
             f"text {what} need a tokenizer: iv.wrap(model, tokenizer=tok), or pass "
             "token ids (a LongTensor [batch, pos])."
         )
@@ -109,3 +185,143 @@ def slice_output(output: Any, rows: slice) -> Any:
     if isinstance(output, (tuple, list)):
         return type(output)(slice_output(v, rows) for v in output)
     return output
+
+
+# -- right padding ------------------------------------------------------------------------
+def last_token_positions(inputs: Any) -> Tensor:
+    """The position of each prompt's last real token in a padded batch.
+
+    Works for left and right padding alike: with left padding every row's last real
+    token is the last position; with right padding it is where the row's
+    ``attention_mask`` ends. Index a site with it, row by row:
+
+        batch = model.tokenizer(prompts, return_tensors="pt", padding=True)
+        last = iv.last_token_positions(batch)
+        with iv.trace(model, batch) as t:
+            logits = t.logits[torch.arange(len(prompts)), last].save()
+
+    Args:
+        inputs: A dict or ``BatchEncoding`` with ``attention_mask`` (without one,
+            nothing is padded and every row's last token is the last position), or
+            the attention mask ``[batch, pos]`` itself (1 real token, 0 padding).
+
+    Returns:
+        A LongTensor ``[batch]`` of positions.
+
+    Raises:
+        ArgumentTypeError: ``inputs`` is text or another type (tokenize first).
+        ArgumentError: A mask that is not ``[batch, pos]`` of 0 and 1, or a row with
+            no real token.
+    """
+    mask = _mask_of(inputs)
+    if mask.dim() != 2 or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ArgumentError(
+            f"last_token_positions needs an attention mask [batch, pos] of 0 (padding) "
+            f"and 1 (real tokens); got a {mask.dtype} tensor of shape {tuple(mask.shape)}. "
+            "Pass the tokenizer's output (a dict with 'attention_mask') or its mask."
+        )
+    empty = (~mask.bool().any(-1)).nonzero().flatten().tolist()
+    if empty:
+        raise ArgumentError(
+            f"row(s) {empty} of the attention mask hold no real token (all 0), so they "
+            "have no last token; drop those rows from the batch."
+        )
+    return mask.shape[1] - 1 - mask.long().flip(-1).argmax(-1)
+
+
+def _mask_of(inputs: Any) -> Tensor:
+    """The attention mask of ``inputs`` (all ones for unpadded token ids)."""
+    if isinstance(inputs, Mapping):
+        if inputs.get("attention_mask") is not None:
+            return torch.as_tensor(inputs["attention_mask"])
+        if inputs.get("input_ids") is not None:
+            return torch.ones_like(torch.as_tensor(inputs["input_ids"]))
+    elif isinstance(inputs, Tensor):
+        return inputs
+    raise ArgumentTypeError(
+        f"last_token_positions takes tokenized inputs (a dict or BatchEncoding with "
+        f"'attention_mask') or an attention mask tensor, got {type(inputs).__name__}. "
+        "Tokenize text first: batch = model.tokenizer(prompts, return_tensors='pt', "
+        "padding=True), and pass that batch both here and to iv.trace."
+    )
+
+
+def check_padding(program: Program, calls: Sequence[Call]) -> None:
+    """Refuse positions counted from the end (``[:, -1]``) of a right-padded run.
+
+    In a right-padded batch, the last positions of the shorter prompts are padding,
+    so ``site[:, -1]`` reads or writes padding for them instead of their last token.
+
+    Raises:
+        ExecutionError: A read or write of a site at a negative position (or a slice
+            starting at one) in a run whose ``attention_mask`` ends in 0 on some row.
+    """
+    reads = {n.id: n for n in program.nodes if n.op == "read"}
+    padded: dict[int, list[int]] = {}
+    for node in program.nodes:
+        site, index = _indexed_site(node, reads)
+        if site is None or site.run >= len(calls):
+            continue
+        end = _from_end(index, _position_axes(site.target))
+        if end is None:
+            continue
+        if site.run not in padded:
+            padded[site.run] = _right_padded(calls[site.run])
+        if padded[site.run]:
+            raise ExecutionError(_padding_message(node, site, index, end, padded[site.run]))
+
+
+def _indexed_site(node: Node, reads: Mapping[int, Node]) -> tuple[Node | None, Any]:
+    """The read or write node of a site that ``node`` indexes, and the index."""
+    if node.op == "write":
+        return node, node.args[0]
+    if node.op == "getitem" and isinstance(node.args[0], Ref) and node.args[0].id in reads:
+        return reads[node.args[0].id], node.args[1]
+    return None, None
+
+
+def _position_axes(target: str) -> tuple[int, ...]:
+    """The position axes of a vocabulary site (none for module and hook sites)."""
+    site = parse(target)
+    if site.kind not in ("top", "layer"):
+        return ()
+    if site.key == "attn.pattern":  # [B, H, P, P], or [B, P, P] for one head
+        return (1, 2) if site.head is not None else (2, 3)
+    return (1,)
+
+
+def _from_end(index: Any, axes: tuple[int, ...]) -> Any:
+    """The negative position (an int, or a slice starting at one) ``index`` takes, if any."""
+    items = index if isinstance(index, tuple) else (index,)
+    if any(x is Ellipsis or x is None for x in items):
+        return None  # the axes move; not worth guessing
+    for axis in axes:
+        x = items[axis] if axis < len(items) else None
+        if isinstance(x, int) and not isinstance(x, bool) and x < 0:
+            return x
+        if isinstance(x, slice) and isinstance(x.start, int) and x.start < 0:
+            return x
+    return None
+
+
+def _right_padded(call: Call) -> list[int]:
+    """Rows whose attention mask ends in padding (0 at the last position)."""
+    mask = call[1].get("attention_mask")
+    if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.shape[1] == 0:
+        return []
+    ends = (mask[:, -1] == 0) & (mask != 0).any(-1)
+    return ends.nonzero().flatten().tolist()
+
+
+def _padding_message(node: Node, site: Node, index: Any, end: Any, rows: list[int]) -> str:
+    run = run_name(site.run)
+    where = f"{run}.{display(site.target)}{format_index(index)}"
+    what = f"position {end}" if isinstance(end, int) else f"positions {format_arg(end)}"
+    return (
+        f"line {node.loc}: {where} counts positions from the end, but the {run} inputs "
+        f"are right-padded: row(s) {rows} end in padding (attention_mask 0 at the last "
+        f"position), so {what} is padding there, not the prompt's last token. Index "
+        "each prompt's last real token instead, site[torch.arange(batch), "
+        "iv.last_token_positions(inputs)] (or pass those positions as t.arg('pos')), or "
+        "pad on the left (tokenizer.padding_side = 'left')."
+    )

@@ -7,11 +7,29 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import ExecutionError, ScheduleError, ShapeError, TraceveneError
+from ..errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    ExecutionError,
+    MissingKeyError,
+    ScheduleError,
+    ShapeError,
+    TraceveneError,
+)
 from ..ir.nodes import Node, Ref, resolve_function
 from ..ir.program import Program, format_index, run_name
 from ..sites.bind import Binding, Ctx
 from ..sites.vocab import display
+
+
+def _passes(e: Exception) -> bool:
+    """Whether ``e`` propagates as it is rather than as an ``ExecutionError``.
+
+    tracevene's own errors already say what failed; those that stand in for a builtin
+    error (an intervention given a bad argument) get the user's line like any other.
+    """
+    stand_ins = (ArgumentError, ArgumentTypeError, MissingKeyError)
+    return isinstance(e, TraceveneError) and not isinstance(e, stand_ins)
 
 
 class Env:
@@ -50,9 +68,9 @@ class Env:
             if node.op != "call_module":
                 raise
             raise ShapeError(_module_shape_message(self.program, node, e)) from e
-        except TraceveneError:
-            raise
         except Exception as e:
+            if _passes(e):
+                raise
             raise ExecutionError(
                 f"line {node.loc}: {_describe(node)} failed: {type(e).__name__}: {e}"
             ) from e
@@ -91,9 +109,9 @@ class Env:
             # modify activations in place, so vocabulary sites skip this copy.
             own = binding.site.kind == "module" and (value is x or value._base is not None)
             self.values[node.id] = value.clone() if own else value
-        except TraceveneError:
-            raise
         except Exception as e:
+            if _passes(e):
+                raise
             raise ExecutionError(f"line {node.loc}: {_describe(node)} failed: {e}") from e
 
     def write(self, node: Node, binding: Binding, x: Tensor, ctx: Ctx) -> Tensor:
@@ -104,9 +122,9 @@ class Env:
             site = binding.get(rows, ctx)
             new = _assign(site, index, value, node)
             new_rows = binding.set(rows, new, ctx)
-        except TraceveneError:
-            raise
         except Exception as e:
+            if _passes(e):
+                raise
             raise ExecutionError(f"line {node.loc}: {_describe(node)} failed: {e}") from e
         if ctx.rows == slice(None):
             return new_rows

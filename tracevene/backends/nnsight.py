@@ -2,10 +2,10 @@
 
 Each forward pass of the plan (``plan.make_plan``, shared with every backend) is one
 ``with envoy.trace(...)`` block over a private ``nnsight.NNsight`` envoy of the
-caller's module. The block's body is a single worker (:meth:`_Lowering.run`) that
+caller's module. The block's body is a single worker (``_Lowering.run``) that
 visits the pass's hook points in forward order, reading ``envoy.inputs`` /
 ``envoy.output`` and assigning them back when the program writes; the events at each
-point are executed by the shared :class:`tracevene.backends.events.PassRun`, exactly
+point are executed by the shared ``tracevene.backends.events.PassRun``, exactly
 as on the torch backend. Runs batched into one pass share one trace over the
 concatenated inputs (rows are sliced by ``PassRun``), so a batched pass is one
 worker and one forward.

@@ -142,7 +142,7 @@ _registered = False
 
 @contextlib.contextmanager
 def pattern_attention(root: nn.Module | None, active: bool) -> Iterator[None]:
-    """Route the attention of the HF models inside ``root`` through :func:`_attention`.
+    """Route the attention of the HF models inside ``root`` through ``_attention``.
 
     Switches every Hugging Face config found on ``root``'s modules for the duration of
     one pass, and restores them whatever happens.

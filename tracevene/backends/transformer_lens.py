@@ -4,7 +4,7 @@ Every forward pass of the plan (``plan.make_plan``, shared with every backend) i
 call of the engine inside its own ``hooks(fwd_hooks=...)`` context manager, the API
 that ``TransformerBridge`` (TransformerLens 3.9 and 4.x) and ``HookedTransformer``
 (3.x) share; ``run_with_hooks`` is the same thing in one call. The events at each
-hook point are executed by the shared :class:`tracevene.backends.events.PassRun`,
+hook point are executed by the shared ``tracevene.backends.events.PassRun``,
 exactly as on the torch backend. TransformerLens removes its hooks when the context
 exits, whatever was raised inside it.
 
@@ -49,7 +49,7 @@ attention output), ``attn.pattern`` is readable but not writable.
 
 Forward order comes from one probe forward pass (two tokens, no grad) that records
 when each hook point and module runs; a hook point that never runs, or runs more
-than once, is refused with a :class:`~tracevene.errors.SiteError` before any run.
+than once, is refused with a ``SiteError`` before any run.
 ``t.hook(name)`` reaches any hook point (aliases resolve to TransformerLens's own
 names); ``t.module(path)`` reaches modules with plain torch hooks (Hugging Face paths
 inside a bridge, TransformerLens paths on a ``HookedTransformer``).
@@ -68,14 +68,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import BackendError, ExecutionError, SiteError, closest
+from ..errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    BackendError,
+    ExecutionError,
+    SiteError,
+    closest,
+)
 from ..ir.program import Program
 from ..sites.arch import find_arch
 from ..sites.bind import Binding, Ctx, check_range, offered
 from ..sites.vocab import Site, display, parse
 from .base import Backend
 from .events import PassRun, Stop
-from .inputs import Call, batch_size, can_batch, concat, slice_output
+from .inputs import Call, batch_size, can_batch, concat, slice_output, with_position_ids
 from .interpret import Env
 from .plan import Pass
 from .torch_hooks import _install, pattern_attention
@@ -337,7 +344,7 @@ class LensResolver:
         return site
 
     def bind(self, name: str) -> Binding:
-        """The :class:`Binding` of a site name (validated, cached)."""
+        """The ``Binding`` of a site name (validated, cached)."""
         self._refresh()
         if name not in self._cache:
             self._cache[name] = self._bind(self.check(name))
@@ -570,7 +577,7 @@ class LensResolver:
         if isinstance(inputs, Mapping):
             kwargs = dict(inputs)
             if "input_ids" not in kwargs:
-                raise TypeError(
+                raise ArgumentTypeError(
                     f"a dict of inputs needs 'input_ids' on the transformer_lens backend; got "
                     f"{sorted(kwargs)}."
                 )
@@ -578,7 +585,7 @@ class LensResolver:
         elif isinstance(inputs, Tensor):
             args, kwargs = (inputs,), {}
         else:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"cannot use a {type(inputs).__name__} as inputs on the transformer_lens "
                 "backend: pass token ids (a LongTensor [batch, pos]), a dict with "
                 "'input_ids', or text (with a tokenizer)."
@@ -588,14 +595,20 @@ class LensResolver:
             kwargs.setdefault("use_cache", False)
         device = model.device
         to = lambda v: v.to(device) if isinstance(v, Tensor) else v  # noqa: E731
-        return tuple(to(a) for a in args), {k: to(v) for k, v in kwargs.items()}
+        args, kwargs = tuple(to(a) for a in args), {k: to(v) for k, v in kwargs.items()}
+        if self.bridge and isinstance(args[0], Tensor) and args[0].dim() == 2:
+            # the bridge hands keyword arguments on to the Hugging Face model
+            hf = self.hf_root
+            hf = getattr(hf, hf.attr) if isinstance(hf, _BaseModel) else hf
+            kwargs = with_position_ids(hf, kwargs, args[0].shape[1])
+        return args, kwargs
 
     def _tokenize(self, model: Any, text: str | list[str]) -> Any:
         if model.tokenizer is not None:
             return dict(model.tokenizer(text, return_tensors="pt", padding=True))
         if getattr(self.engine, "tokenizer", None) is not None:
             return self.engine.to_tokens(text)
-        raise ValueError(
+        raise ArgumentError(
             "text inputs need a tokenizer: iv.wrap(model, tokenizer=tok), or pass token ids "
             "(a LongTensor [batch, pos])."
         )

@@ -1,7 +1,7 @@
 """``Intervention``: the base class of tracevene's intervention modules and of yours.
 
 An intervention is a plain ``nn.Module`` called as ``intervention(base, source=None)``
-that returns the new value of a site. Subclasses of :class:`Intervention` get three
+that returns the new value of a site. Subclasses of ``iv.Intervention`` get three
 things for free: their constructor arguments are remembered as a JSON spec, the class
 registers itself by name (so programs that call it can be saved and loaded without
 pickle), and ``repr`` shows the configuration.
@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..errors import RegistryError, ShapeError
+from ..errors import ArgumentError, ProgramFormatError, RegistryError, ShapeError
 from .registry import register
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -34,9 +34,9 @@ class Intervention(nn.Module):
     tensor argument is stored in the spec by shape and dtype only, and its values come
     back from the saved parameters and buffers.
 
-    Class attributes:
+    Attributes:
         temperature_schedule: ``(start, end)`` for interventions that have a
-            ``temperature`` buffer; :func:`tracevene.train` anneals it from ``start`` to
+            ``temperature`` buffer; ``iv.train`` anneals it from ``start`` to
             ``end`` over training (``None`` for interventions without one).
 
     Example:
@@ -74,7 +74,7 @@ class Intervention(nn.Module):
 
     @classmethod
     def from_spec(cls, spec: dict) -> Intervention:
-        """A new instance from :meth:`spec` (tensor arguments zero until loaded)."""
+        """A new instance from ``spec`` (tensor arguments zero until loaded)."""
         return cls(**{k: _decode(v) for k, v in spec.items()})
 
     def extra_repr(self) -> str:
@@ -130,14 +130,23 @@ def _decode(v: Any) -> Any:
             return _dtype(v["dtype"])
         if set(v) == {"dict"} and isinstance(v["dict"], dict):
             return {k: _decode(x) for k, x in v["dict"].items()}
-        raise ValueError(f"unknown value {v!r}")
+        raise ProgramFormatError(
+            f"cannot decode the saved constructor argument {v!r}: an encoded value is a "
+            "list, {'tensor': shape, 'dtype': name}, {'dtype': name} or {'dict': {...}}. "
+            "The file is damaged or was written by another tracevene version: save the "
+            "program again with this one."
+        )
     return v
 
 
 def _dtype(name: Any) -> torch.dtype:
     dtype = getattr(torch, str(name), None)
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
+        raise ProgramFormatError(
+            f"unknown dtype {name!r} in a saved constructor argument: use a torch dtype "
+            "name such as 'float32' or 'bfloat16'. The file is damaged or was written "
+            "with another torch version: save the program again with this one."
+        )
     return dtype
 
 
@@ -148,7 +157,7 @@ def _short(v: Any) -> str:
 
 
 def check_width(module: nn.Module, x: Tensor, d: int, what: str = "base") -> None:
-    """Raise :class:`ShapeError` unless the last dimension of ``x`` is ``d``."""
+    """Raise ``iv.ShapeError`` unless the last dimension of ``x`` is ``d``."""
     if x.dim() == 0 or x.shape[-1] != d:
         raise ShapeError(
             f"{type(module).__name__}(d={d}) was given a {what} of shape {tuple(x.shape)}; its "
@@ -160,7 +169,7 @@ def check_width(module: nn.Module, x: Tensor, d: int, what: str = "base") -> Non
 def need_source(module: nn.Module, source: Tensor | None) -> Tensor:
     """``source``, or a clear error when an interchange-type intervention lacks one."""
     if source is None:
-        raise ValueError(
+        raise ArgumentError(
             f"{type(module).__name__} swaps values in from a source: call it as "
             f"{type(module).__name__}(...)(base, source), e.g. "
             "t.layer[1].resid_post = rot(t.layer[1].resid_post, src.layer[1].resid_post)."
@@ -176,7 +185,7 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 def lookup_variable(module: nn.Module, variables: Mapping[str, Any], variable: str) -> Any:
     """``variables[variable]``, or an error that lists the module's variables."""
     if variable not in variables:
-        raise ValueError(
+        raise ArgumentError(
             f"{type(module).__name__} has no variable {variable!r}; its variables: "
             f"{', '.join(variables) or 'none (build it with variables={...})'}"
         )

@@ -1,7 +1,7 @@
 """The registry of intervention modules that programs can save and load by name.
 
 Loading a program never imports a path found in a file: module types are looked up
-here, and a user's own class registers itself with :func:`register`.
+here, and a user's own class registers itself with ``iv.register``.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..errors import ArgumentError
 from .base import Intervention, check_width, compute_dtype, lookup_variable, need_source
 
 MAPS = ("cayley", "matrix_exp")
@@ -32,7 +33,7 @@ class _Orthogonal(nn.Module):
     def __init__(self, d: int, orthogonal_map: str):
         super().__init__()
         if orthogonal_map not in MAPS:
-            raise ValueError(f"orthogonal_map={orthogonal_map!r}: choose one of {MAPS}")
+            raise ArgumentError(f"orthogonal_map={orthogonal_map!r}: choose one of {MAPS}")
         self.orthogonal_map = orthogonal_map
         self.register_buffer("start", nn.init.orthogonal_(torch.empty(d, d)))
 
@@ -104,14 +105,19 @@ def _blocks(variables: Mapping[str, int] | None, k: int | None) -> tuple[int, di
     """``k`` and the consecutive block of rotated dimensions each variable owns."""
     if not variables:
         if k is None:
-            raise ValueError("give the number of interchanged dimensions k (or variables={...})")
+            raise ArgumentError("give the number of interchanged dimensions k (or variables={...})")
         return k, {}
     sizes = {name: int(n) for name, n in variables.items()}
     if any(n < 1 for n in sizes.values()):
-        raise ValueError(f"variables={dict(variables)}: every variable needs at least 1 dimension")
+        raise ArgumentError(
+            f"variables={dict(variables)}: every variable needs at least 1 dimension"
+        )
     total = sum(sizes.values())
     if k is not None and k != total:
-        raise ValueError(f"k={k} but the variables' sizes {sizes} add up to {total}")
+        raise ArgumentError(
+            f"k={k} but the variables' sizes {sizes} add up to {total}: pass k={total} "
+            "or leave k out (it defaults to the sum)."
+        )
     starts = [0, *torch.tensor(list(sizes.values())).cumsum(0).tolist()]
     return total, {n: slice(s, s + sizes[n]) for n, s in zip(sizes, starts, strict=False)}
 
@@ -127,7 +133,10 @@ class _Subspace(Intervention):
         self.d = int(d)
         self.k, self.slices = _blocks(variables, k)
         if not 1 <= self.k <= self.d:
-            raise ValueError(f"k={self.k} must be between 1 and d={self.d}")
+            raise ArgumentError(
+                f"k={self.k} must be between 1 and d={self.d}: k is the number of "
+                "dimensions interchanged, at most the width of the site."
+            )
 
     def _columns(self, variable: str | None) -> slice:
         if variable is None:
@@ -219,7 +228,7 @@ class BoundlessRotatedSpace(_Annealed):
     Rotated dimension ``i`` (0-based) is taken from the source with weight
     ``sigmoid((b - i - 0.5) / (T * d))``, where the boundary ``b = d * sigmoid(theta)``
     is trained and the temperature ``T`` (a buffer, not a parameter) is annealed by
-    :func:`tracevene.train` from ``temperature_schedule[0]`` to ``[1]``: from 1 (soft
+    ``iv.train`` from ``temperature_schedule[0]`` to ``[1]``: from 1 (soft
     over all ``d`` dimensions) to ``min(0.01, 0.1 / d)`` (an edge a tenth of a
     dimension wide), so the mask ends as a hard cut after ``b`` dimensions whatever
     ``d`` is.
@@ -242,7 +251,7 @@ class BoundlessRotatedSpace(_Annealed):
     ):
         super().__init__()
         if not 0 < init_boundary < 1:
-            raise ValueError(f"init_boundary={init_boundary} must be a fraction in (0, 1)")
+            raise ArgumentError(f"init_boundary={init_boundary} must be a fraction in (0, 1)")
         self.d = int(d)
         self.rotation = Rotation(torch.zeros(self.d, self.d), _Orthogonal(self.d, orthogonal_map))
         self.theta = nn.Parameter(torch.tensor(math.log(init_boundary / (1 - init_boundary))))
@@ -272,7 +281,7 @@ class SigmoidMask(_Annealed):
     """A learned soft mask over the site's own dimensions (no rotation).
 
     Dimension ``i`` is taken from the source with weight ``sigmoid(logit_i / T)``;
-    ``T`` is annealed by the trainer like :class:`BoundlessRotatedSpace`'s.
+    ``T`` is annealed by the trainer like ``iv.BoundlessRotatedSpace``'s.
 
     Args:
         d: Width of the site.

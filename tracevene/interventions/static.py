@@ -12,7 +12,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..errors import ShapeError
+from ..errors import ArgumentError, ShapeError
 from .base import Intervention, lookup_variable, need_source
 
 
@@ -63,7 +63,11 @@ class Add(Intervention):
 
 
 class Scale(Intervention):
-    """Multiply the site by ``factor`` (``0`` ablates, ``-1`` flips)."""
+    """Multiply the site by ``factor`` (``0`` ablates, ``-1`` flips).
+
+    Args:
+        factor: The number every element of the site is multiplied by.
+    """
 
     def __init__(self, factor: float):
         super().__init__()
@@ -127,10 +131,12 @@ class Interchange(Intervention):
     ):
         super().__init__()
         if subspace is not None and variables is not None:
-            raise ValueError("give Interchange either subspace=[...] or variables={...}, not both")
+            raise ArgumentError(
+                "give Interchange either subspace=[...] or variables={...}, not both"
+            )
         self.subspace = None if subspace is None else [int(i) for i in subspace]
         if self.subspace == [] or any(len(v) == 0 for v in (variables or {}).values()):
-            raise ValueError(
+            raise ArgumentError(
                 "Interchange got an empty index set: give at least one dimension per "
                 "subspace / variable, or subspace=None to swap the whole vector."
             )
@@ -163,9 +169,9 @@ def _check_disjoint(variables: Mapping[str, Sequence[int]]) -> None:
     for name, idx in variables.items():
         for i in idx:
             if i in seen:
-                raise ValueError(
+                raise ArgumentError(
                     f"variables {seen[i]!r} and {name!r} both own dimension {i}; variables "
-                    "must own disjoint sets of dimensions"
+                    "must own disjoint sets of dimensions: give each dimension to one variable"
                 )
             seen[i] = name
 

@@ -1,9 +1,9 @@
 """Patching experiments built on programs: many experiments per forward pass.
 
-- :func:`activation_patching`: patch one cell (layer, position, head) at a time.
-- :func:`attribution_patching`: its linear approximation, every cell at once.
-- :func:`path_patching`: a sender's effect along chosen paths only (Wang et al. 2023).
-- :func:`run_circuit` / :func:`head_means`: keep a circuit, mean-ablate other heads.
+- ``activation_patching``: patch one cell (layer, position, head) at a time.
+- ``attribution_patching``: its linear approximation, every cell at once.
+- ``path_patching``: a sender's effect along chosen paths only (Wang et al. 2023).
+- ``run_circuit`` / ``head_means``: keep a circuit, mean-ablate other heads.
 """
 
 from .activation import activation_patching

@@ -8,7 +8,11 @@ of the patched run's batch, and each copy gets its own cell.
 In a causal language model, patching position ``p`` leaves every position before
 ``p`` as it was, so the experiments that patch ``p`` share one pass that starts at
 ``p``: the keys and values of the positions before it come from the unpatched run's
-KV cache, and so do their logits.
+KV cache, and so do their logits. Any other model (an encoder, where every position
+sees every other, or a model without logits) runs every pass over the whole input.
+
+The metric scores the logits of a language model and the model's output otherwise
+(see ``tracevene/patching/outputs.py``).
 """
 
 from __future__ import annotations
@@ -19,16 +23,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..metrics import logits_of
+from ..errors import ArgumentError, ArgumentTypeError, SiteError
 from ..model import Model, as_model
 from ..tracing.tracer import trace
+from .outputs import experiment, scored
 from .result import PatchResult
 
-Metric = Callable[[Tensor], Tensor]
+Metric = Callable[[Any], Tensor]
 DIRECTIONS = ("denoise", "noise")
+POSITIONS = ("each", "all", "dest_src")
+HEAD_SITES = ("q", "k", "v", "pattern", "z", "out")
+Cell = tuple[tuple[int, ...], tuple[int, ...]]  # ((layer,) or (layer, head), positions)
 
 
 def activation_patching(
@@ -51,51 +60,117 @@ def activation_patching(
     ``"noise"``, on ``clean`` with one cell from the corrupted run.
 
     Args:
-        model: The model.
+        model: The model: a language model, an encoder such as a headless
+            ``BertModel``, or a TransformerLens model.
         clean: Token ids ``[batch, pos]`` of the clean prompts (or a dict of tensors).
         corrupted: The corrupted prompts, of the same shape.
-        metric: ``metric(logits) -> scalar`` for one experiment's logits
-            ``[batch, pos, vocab]`` (e.g. a normalised logit difference).
+        metric: ``metric(x) -> scalar`` for one experiment's rows of the batch. ``x`` is
+            the logits ``[batch, pos, vocab]`` where the model has them (e.g. a
+            normalised logit difference), otherwise the model's output (for a
+            ``BertModel`` its ``BaseModelOutputWithPooling...``: read
+            ``x.last_hidden_state`` ``[batch, pos, d_model]``).
         site: A per-layer site with a position axis: ``"resid_pre"``, ``"resid_mid"``,
-            ``"resid_post"``, ``"attn.out"``, ``"mlp.out"``; with ``heads=True`` a
-            per-head site: ``"z"``, ``"q"``, ``"k"``, ``"v"`` or ``"out"``.
+            ``"resid_post"``, ``"attn.out"``, ``"mlp.out"``, ``"attn.pattern"``; with
+            ``heads=True`` a per-head site: ``"z"``, ``"q"``, ``"k"``, ``"v"``,
+            ``"out"`` or ``"pattern"``. Pattern sites are patched by destination
+            position (a whole row of the pattern); the sweep then reads and writes
+            the attention probabilities, so attention runs through an eager kernel.
         heads: Patch one head at a time (axes ``[layer, pos, head]``).
         direction: ``"denoise"`` or ``"noise"``.
         positions: ``"each"`` patches one position at a time; ``"all"`` patches the
             site at every position at once (axes ``[layer]`` or ``[layer, head]``, as
-            TransformerLens's ``*_all_pos`` functions).
+            TransformerLens's ``*_all_pos`` functions); ``"dest_src"`` (pattern sites
+            only) patches one entry (destination, source) of the pattern at a time
+            (axes ``[layer, dest_pos, src_pos]``, then ``head``).
         experiments_per_pass: How many experiments share one forward pass.
         progress: Show a progress bar over the passes.
 
     Returns:
-        The metric of every cell.
+        The metric of every cell. The head axis comes last, so TransformerLens's
+        ``get_act_patch_attn_head_pattern_by_pos`` (``[layer, head, dest_pos]``) is
+        ``values.permute(0, 2, 1)`` of ``site="pattern", heads=True``, and its
+        ``*_dest_src_pos`` is ``values.permute(0, 3, 1, 2)`` of ``positions="dest_src"``.
+
+    Raises:
+        ArgumentError: An unknown direction or positions, ``"dest_src"`` on a site
+            that is not a pattern, or ``experiments_per_pass`` below 1.
+        SiteError: A site this model does not have, or a per-head site without
+            ``heads=True``.
     """
     model = as_model(model)
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction={direction!r}: choose 'denoise' or 'noise'")
-    if positions not in ("each", "all"):
-        raise ValueError(f"positions={positions!r}: choose 'each' or 'all'")
-    if experiments_per_pass < 1:
-        raise ValueError(f"experiments_per_pass={experiments_per_pass} must be at least 1")
+    _check(site, heads, direction, positions, experiments_per_pass)
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     n_heads = model.n_kv_heads if heads and site in ("k", "v") else model.n_heads
     keys = _cells(model.n_layers, n_heads if heads else 0)
     values = _read_all(model, source, keys, site)  # also checks the site names
-    n_pos = next(iter(values.values())).shape[1]
-    each = positions == "each"
-    cells = [(key, p) for key in keys for p in (range(n_pos) if each else [None])]
-    prefix = _Prefix.of(model, base) if each else None
+    axis = _pos_axis(site, heads)
+    n_pos = next(iter(values.values())).shape[axis]
+    cells = [(key, p) for key in keys for p in _grid(positions, n_pos)]
+    prefix = _Prefix.of(model, base) if positions != "all" else None
     out = torch.empty(len(cells))
     chunks = _chunks(cells, experiments_per_pass, by_position=prefix is not None)
     for chunk in tqdm(chunks, desc=f"patching {site}", disable=not progress):
         todo = [cells[i] for i in chunk]
-        out[chunk] = _run_chunk(model, base, todo, site, values, metric, prefix)
-    shape = (model.n_layers, *([n_heads] if heads else []), *([n_pos] if each else []))
-    result = out.reshape(shape)
-    if heads and each:  # [layer, pos, head], as TransformerLens's *_by_pos functions
-        result = result.permute(0, 2, 1)
-    axes = ("layer", *(["pos"] if each else []), *(["head"] if heads else []))
-    return PatchResult(result, axes, site, direction)
+        out[chunk] = _run_chunk(model, base, todo, (site, axis), values, metric, prefix)
+    return _result(out, model.n_layers, n_heads if heads else 0, n_pos, site, direction,
+                   _axes(site, positions))  # fmt: skip
+
+
+def _check(site: str, heads: bool, direction: str, positions: str, per_pass: int) -> None:
+    """Reject arguments no sweep takes, with what would be valid."""
+    if direction not in DIRECTIONS:
+        raise ArgumentError(f"direction={direction!r}: choose 'denoise' or 'noise'")
+    if positions not in POSITIONS:
+        raise ArgumentError(f"positions={positions!r}: choose 'each', 'all' or 'dest_src'")
+    if per_pass < 1:
+        raise ArgumentError(f"experiments_per_pass={per_pass} must be at least 1")
+    if not heads and site in HEAD_SITES:
+        raise SiteError(
+            f"site={site!r} is a per-head site: pass heads=True to patch one head at a "
+            f"time, or site='attn.{site}' to patch every head of a layer at once"
+        )
+    if positions == "dest_src" and not site.endswith("pattern"):
+        raise ArgumentError(
+            f"positions='dest_src' patches one (destination, source) entry of an attention "
+            f"pattern, so it needs site='pattern' with heads=True or site='attn.pattern'; "
+            f"for site={site!r} use positions='each' or 'all'"
+        )
+
+
+def _pos_axis(site: str, heads: bool) -> int:
+    """The site's (destination) position axis: 2 in a layer's pattern ``[B, H, P, P]``."""
+    return 2 if site == "attn.pattern" and not heads else 1
+
+
+def _grid(positions: str, n_pos: int) -> list[tuple[int, ...]]:
+    """The positions of the cells: ``()`` for all at once, ``(p,)``, or ``(dest, src)``."""
+    if positions == "all":
+        return [()]
+    if positions == "each":
+        return [(p,) for p in range(n_pos)]
+    return [(d, s) for d in range(n_pos) for s in range(n_pos)]
+
+
+def _axes(site: str, positions: str) -> tuple[str, ...]:
+    """The position axes' names of a result."""
+    if positions == "all":
+        return ()
+    if positions == "dest_src":
+        return ("dest_pos", "src_pos")
+    return ("dest_pos",) if site.endswith("pattern") else ("pos",)
+
+
+def _result(
+    out: Tensor, n_layers: int, n_heads: int, n_pos: int, site: str, direction: str,
+    pos_axes: tuple[str, ...],
+) -> PatchResult:  # fmt: skip
+    """The metrics as ``[layer, *positions, head]`` (heads last, as TransformerLens's)."""
+    shape = (n_layers, *([n_heads] if n_heads else []), *([n_pos] * len(pos_axes)))
+    values: Float[Tensor, "layer ..."] = out.reshape(shape)
+    if n_heads and pos_axes:  # [layer, pos, head], as TransformerLens's *_by_pos functions
+        values = values.movedim(1, -1)
+    axes = ("layer", *pos_axes, *(["head"] if n_heads else []))
+    return PatchResult(values, axes, site, direction)
 
 
 def _cells(n_layers: int, n_heads: int) -> list[tuple[int, ...]]:
@@ -123,18 +198,22 @@ def _read_all(model: Model, inputs: Any, keys: list, site: str) -> dict[Any, Ten
     return {key: result[handle].detach() for key, handle in saved.items()}
 
 
-def _chunks(cells: list, size: int, by_position: bool) -> list[Tensor]:
-    """Indices of the cells each pass runs; one position per pass if ``by_position``."""
-    order = (
-        sorted(range(len(cells)), key=lambda i: cells[i][1]) if by_position else range(len(cells))
-    )
+def _chunks(cells: list[Cell], size: int, by_position: bool) -> list[Tensor]:
+    """Indices of the cells each pass runs; one start position per pass if ``by_position``."""
+    start = [_start(pos) for _, pos in cells]
+    order = sorted(range(len(cells)), key=start.__getitem__) if by_position else range(len(cells))
     chunks: list[list[int]] = []
     for i in order:
         full = chunks and len(chunks[-1]) == size
-        if not chunks or full or (by_position and cells[chunks[-1][0]][1] != cells[i][1]):
+        if not chunks or full or (by_position and start[chunks[-1][0]] != start[i]):
             chunks.append([])
         chunks[-1].append(i)
     return [torch.tensor(c) for c in chunks]
+
+
+def _start(pos: tuple[int, ...]) -> int:
+    """The first position a cell's patch changes: its (destination) position, or 0."""
+    return pos[0] if pos else 0
 
 
 @dataclass
@@ -149,8 +228,9 @@ class _Prefix:
     def of(cls, model: Model, base: Any) -> _Prefix | None:
         """The prefix of ``base`` (token ids); ``None`` where it cannot be reused.
 
-        Only for a Hugging Face causal LM (one that can generate) called on token ids:
-        in an encoder every position sees every other, so nothing can be reused.
+        Only for a Hugging Face causal LM (one that can generate, with logits) called on
+        token ids: in an encoder every position sees every other, so nothing can be
+        reused and every pass runs the whole input.
         """
         bridged = model.backend.name == "transformer_lens"
         hf = model.resolver.hf_module if bridged else model.module
@@ -163,9 +243,10 @@ class _Prefix:
         with torch.no_grad():
             output = t.program.run(model, {"input_ids": base, "use_cache": True}).output
         cache = getattr(output, "past_key_values", None)
-        if cache is None or not hasattr(cache, "batch_select_indices"):
+        logits = getattr(output, "logits", None)
+        if not isinstance(logits, Tensor) or not hasattr(cache, "batch_select_indices"):
             return None
-        return cls(base, logits_of(output).detach(), cache)
+        return cls(base, logits.detach(), cache)
 
     def inputs(self, start: int, n: int) -> dict[str, Any]:
         """Forward arguments for ``n`` copies of the batch, from position ``start`` on."""
@@ -179,40 +260,54 @@ class _Prefix:
 def _run_chunk(
     model: Model,
     base: Any,
-    chunk: list[tuple[Any, int]],
-    site: str,
+    chunk: list[Cell],
+    site: tuple[str, int],
     values: Mapping[Any, Tensor],
     metric: Metric,
     prefix: _Prefix | None,
 ) -> Tensor:
     """Run ``len(chunk)`` experiments as one pass; the metric of each.
 
-    With ``prefix``, all experiments patch one position and the pass starts there.
+    ``site`` is the site's name and its position axis. With ``prefix``, all experiments
+    patch one (destination) position and the pass starts there.
     """
     n = len(chunk)
-    start = chunk[0][1] if prefix is not None else 0
+    start = _start(chunk[0][1]) if prefix is not None else 0
     inputs = prefix.inputs(start, n) if start > 0 else _repeat(base, n)
     batch = next(iter(values.values())).shape[0]
-    by_site: dict[Any, list[tuple[int, int]]] = {}
+    by_site: dict[Any, list[tuple[int, tuple[int, ...]]]] = {}
     for e, (key, pos) in enumerate(chunk):
         by_site.setdefault(key, []).append((e, pos))
     with trace(model) as t:
         for key, experiments in by_site.items():
-            rows = torch.cat([torch.arange(e * batch, (e + 1) * batch) for e, _ in experiments])
-            if experiments[0][1] is None:  # every position at once
-                _at(t, key, site)[rows] = torch.cat([values[key]] * len(experiments))
-                continue
-            pos = torch.tensor([p - start for _, p in experiments]).repeat_interleave(batch)
-            value = torch.cat([values[key][:, p] for _, p in experiments])
-            _at(t, key, site)[rows, pos] = value
+            _write(_at(t, key, site[0]), values[key], experiments, batch, start, site[1])
     with torch.no_grad():
-        logits = logits_of(t.program.run(model, inputs).output)
+        out = scored(t.program.run(model, inputs).output)
         if start > 0:  # the positions before the patch, as in the unpatched run
-            logits = torch.cat([prefix.logits[:, :start].repeat(n, 1, 1), logits], dim=1)
+            out = torch.cat([prefix.logits[:, :start].repeat(n, 1, 1), out], dim=1)
         return torch.stack([
-            torch.as_tensor(metric(logits[e * batch : (e + 1) * batch])).float().cpu()
-            for e in range(n)
+            torch.as_tensor(metric(experiment(out, e, batch))).float().cpu() for e in range(n)
         ])  # fmt: skip
+
+
+def _write(
+    target: Any, value: Tensor, experiments: list, batch: int, start: int, axis: int
+) -> None:
+    """Write each experiment's cell of ``value`` into its rows of ``target``.
+
+    ``experiments`` holds ``(e, positions)`` pairs, all with as many positions; the
+    positions index ``value`` from its axis ``axis`` on (the pass starts at ``start``).
+    """
+    rows = torch.cat([torch.arange(e * batch, (e + 1) * batch) for e, _ in experiments])
+    skip = (slice(None),) * (axis - 1)  # the head axis of a layer's pattern
+    n_pos = len(experiments[0][1])
+    shifts = [start] + [0] * (n_pos - 1)  # only the destination moves with the pass
+    index = [
+        torch.tensor([pos[i] - shifts[i] for _, pos in experiments]).repeat_interleave(batch)
+        for i in range(n_pos)
+    ]
+    source = torch.cat([value[(slice(None), *skip, *pos)] for _, pos in experiments])
+    target[(rows, *skip, *index) if n_pos else rows] = source
 
 
 def _repeat(inputs: Any, n: int) -> Any:
@@ -220,7 +315,7 @@ def _repeat(inputs: Any, n: int) -> Any:
         return inputs.repeat(n, *([1] * (inputs.dim() - 1)))
     if isinstance(inputs, Mapping):
         return {k: _repeat(v, n) if isinstance(v, Tensor) else v for k, v in inputs.items()}
-    raise TypeError(
+    raise ArgumentTypeError(
         f"activation_patching takes token ids (a tensor [batch, pos]) or a dict of "
         f"tensors, got {type(inputs).__name__}"
     )

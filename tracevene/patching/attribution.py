@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..metrics import logits_of
+from ..errors import ArgumentError, ArgumentTypeError
 from ..model import Model, as_model
 from ..tracing.tracer import trace
 from .activation import DIRECTIONS, Metric
+from .outputs import scored
 from .result import PatchResult
 
 LAYER_SITES = ("resid_pre", "resid_mid", "resid_post", "attn.out", "mlp.out")
@@ -43,13 +44,13 @@ def attribution_patching(
     sites: str | Iterable[str] = ("resid_pre", "attn.out", "mlp.out", "z"),
     direction: str = "denoise",
 ) -> dict[str, PatchResult]:
-    """Approximate :func:`~tracevene.patching.activation_patching` at every cell at once.
+    """Approximate ``activation_patching`` at every cell at once.
 
     With ``direction="denoise"`` the attribution of a cell is
     ``(a_clean - a_corrupted) . dM/da``, the gradient taken on the corrupted run; with
     ``"noise"``, ``(a_corrupted - a_clean) . dM/da`` on the clean run. It estimates
-    ``activation_patching(...).values - metric(logits of the unpatched run)``; it is
-    exact where the logits are linear in the site, and otherwise good for small
+    ``activation_patching(...).values - metric(unpatched run)``; it is exact where
+    the metric's input (the logits) is linear in the site, and otherwise good for small
     differences between the two runs. All sites cost two forward passes (one on CPU
     schedules as two; on an accelerator both runs share one batched pass) and one
     backward pass; the model's parameters get no gradient.
@@ -59,8 +60,11 @@ def attribution_patching(
             TransformerLens model).
         clean: Token ids ``[batch, pos]`` of the clean prompts (or a dict of tensors).
         corrupted: The corrupted prompts, of the same shape.
-        metric: ``metric(logits) -> scalar`` on the logits ``[batch, pos, vocab]`` of
-            the whole batch, differentiable (torch operations only).
+        metric: ``metric(x) -> scalar`` on the whole batch, differentiable (torch
+            operations only). ``x`` is the logits ``[batch, pos, vocab]`` where the
+            model has them, otherwise the model's output (for a headless
+            ``BertModel`` its ``BaseModelOutputWithPooling...``: read
+            ``x.last_hidden_state``), as for ``activation_patching``.
         sites: Per-layer sites ``"resid_pre"``, ``"resid_mid"``, ``"resid_post"``,
             ``"attn.out"``, ``"mlp.out"`` (axes ``[layer, pos]``) and per-head sites
             ``"z"``, ``"q"``, ``"k"``, ``"v"`` (axes ``[layer, pos, head]``; ``"k"`` and
@@ -68,8 +72,8 @@ def attribution_patching(
         direction: ``"denoise"`` or ``"noise"``.
 
     Returns:
-        One :class:`PatchResult` per site, keyed by site name, labelled like
-        :func:`~tracevene.patching.activation_patching`'s.
+        One ``PatchResult`` per site, keyed by site name, labelled like
+        ``activation_patching``'s.
 
     Raises:
         ValueError: An unknown site or direction, inputs of different shapes, or a
@@ -78,9 +82,9 @@ def attribution_patching(
     model = as_model(model)
     names = _check_sites(sites)
     if direction not in DIRECTIONS:
-        raise ValueError(f"direction={direction!r}: choose 'denoise' or 'noise'")
+        raise ArgumentError(f"direction={direction!r}: choose 'denoise' or 'noise'")
     if model.n_layers is None:
-        raise ValueError(
+        raise ArgumentError(
             "attribution_patching needs a model with a site table (a supported Hugging "
             f"Face family or a TransformerLens model), got {model!r}"
         )
@@ -88,8 +92,7 @@ def attribution_patching(
     n_pos = _n_pos(base, source)
     with torch.enable_grad():
         alphas = {name: _alphas(model, name, n_pos) for name in names}
-        logits = _run(model, base, source, alphas)
-        value = _scalar(metric(logits))
+        value = _scalar(metric(_run(model, base, source, alphas)))
         grads = torch.autograd.grad(value, [a for per_site in alphas.values() for a in per_site])
     return _results(names, grads, model.n_layers, direction)
 
@@ -98,12 +101,12 @@ def _check_sites(sites: str | Iterable[str]) -> list[str]:
     """The site names, without duplicates; ``ValueError`` for an unknown one."""
     names = list(dict.fromkeys([sites] if isinstance(sites, str) else sites))
     if not names:
-        raise ValueError(f"sites is empty: give at least one of {', '.join(SITES)}")
+        raise ArgumentError(f"sites is empty: give at least one of {', '.join(SITES)}")
     for name in names:
         if name not in SITES:
             close = difflib.get_close_matches(str(name), SITES, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(
+            raise ArgumentError(
                 f"unknown site {name!r} for attribution_patching{hint}: valid sites are "
                 f"{', '.join(SITES)} (per-layer sites, then per-head sites)"
             )
@@ -114,7 +117,7 @@ def _n_pos(base: Any, source: Any) -> int:
     """The number of positions of the inputs; both runs must have the same shape."""
     shapes = [_shape(x) for x in (base, source)]
     if shapes[0] != shapes[1]:
-        raise ValueError(
+        raise ArgumentError(
             f"clean and corrupted inputs must have the same shape, got {shapes[0]} and "
             f"{shapes[1]}: pad or truncate them to the same [batch, pos]"
         )
@@ -129,7 +132,7 @@ def _shape(inputs: Any) -> tuple[int, ...]:
         first = inputs.get("input_ids", tensors[0] if tensors else None)
         if isinstance(first, Tensor):
             return tuple(first.shape)
-    raise TypeError(
+    raise ArgumentTypeError(
         "attribution_patching takes token ids (a tensor [batch, pos]) or a dict of "
         f"tensors with a [batch, pos, ...] tensor in it, got {type(inputs).__name__}"
     )
@@ -155,8 +158,11 @@ def _site(run: Any, layer: int, site: str) -> Any:
     return scope
 
 
-def _run(model: Model, base: Any, source: Any, alphas: Mapping[str, list[Tensor]]) -> Tensor:
-    """One program: base and source runs; every site moved by ``alpha`` towards the source."""
+def _run(model: Model, base: Any, source: Any, alphas: Mapping[str, list[Tensor]]) -> Any:
+    """One program: base and source runs; every site moved by ``alpha`` towards the source.
+
+    Returns what the metric scores: the base run's logits, or its output if it has none.
+    """
     with trace(model) as t:
         src = t.source()
         for site, per_layer in alphas.items():
@@ -167,19 +173,19 @@ def _run(model: Model, base: Any, source: Any, alphas: Mapping[str, list[Tensor]
                 if parent:
                     scope = getattr(scope, parent)
                 setattr(scope, leaf, getattr(scope, leaf) + step)
-    return logits_of(t.program.run(model, base, [source]).output)
+    return scored(t.program.run(model, base, [source]).output)
 
 
 def _scalar(value: Any) -> Tensor:
     """The metric's value as a differentiable scalar tensor, or a clear error."""
     if not isinstance(value, Tensor) or value.numel() != 1:
         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-        raise ValueError(
+        raise ArgumentError(
             f"metric(logits) must return a scalar tensor, got {shape}: reduce it over "
             "the batch (e.g. with .mean())"
         )
     if not value.requires_grad:
-        raise ValueError(
+        raise ArgumentError(
             "metric(logits) does not depend on the logits through autograd: compute it "
             "from the logits with torch operations (no .item(), .detach(), numpy or "
             "torch.no_grad())"

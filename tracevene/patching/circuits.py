@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import ArgumentError
 from ..metrics import logits_of
 from ..model import Model, as_model
 from ..tracing.tracer import trace
@@ -67,7 +68,7 @@ def run_circuit(
         inputs: Token ids ``[batch, pos]``.
         keep: The circuit's heads, as ``(layer, head)`` pairs.
         reference: Token ids ``[n, pos]`` whose mean ``z`` replaces ablated heads, or
-            the means themselves (what :func:`head_means` returns: compute them once
+            the means themselves (what ``head_means`` returns: compute them once
             to evaluate many circuits).
         groups: With token ids as ``reference``: ``(input_groups [batch],
             reference_groups [n])``, so each input prompt is ablated with the mean over
@@ -87,7 +88,7 @@ def run_circuit(
     n_groups = means[0].shape[0]
     missing = sorted(g for g in set(rows.tolist()) if g >= n_groups or means[0][g].isnan().any())
     if missing:
-        raise ValueError(
+        raise ArgumentError(
             f"input group {missing[0]} has no reference prompts to average over; give every "
             "input group at least one reference prompt (groups=(input_groups, reference_groups))"
         )
@@ -108,7 +109,7 @@ def _keep(model: Model, keep: Iterable[HeadKey]) -> set[HeadKey]:
     keep = {(int(layer), int(head)) for layer, head in keep}
     for layer, head in keep:
         if not (0 <= layer < model.n_layers and 0 <= head < model.n_heads):
-            raise ValueError(
+            raise ArgumentError(
                 f"head ({layer}, {head}) is not in the model: layers 0..{model.n_layers - 1}, "
                 f"heads 0..{model.n_heads - 1}"
             )
@@ -120,7 +121,7 @@ def _groups(groups: Any, n: int, what: str) -> Tensor:
         return torch.zeros(n, dtype=torch.long)
     groups = torch.as_tensor(groups).long().cpu()
     if groups.shape != (n,) or (groups < 0).any():
-        raise ValueError(
+        raise ArgumentError(
             f"groups for {what} must be non-negative ids of shape [{n}]; got shape "
             f"{tuple(groups.shape)}"
         )

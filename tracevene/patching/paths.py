@@ -23,10 +23,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..metrics import logits_of
+from ..backends.inputs import slice_output
+from ..errors import ArgumentError, ArgumentTypeError
 from ..model import Model, as_model
 from ..tracing.tracer import trace
 from .activation import Metric, _repeat
+from .outputs import experiment, scored
 from .result import PatchResult
 
 Position = int | Tensor | None
@@ -63,7 +65,7 @@ class Mlp:
 
     Attributes:
         layer: The MLP's layer.
-        pos: Positions, as for :class:`Head`.
+        pos: Positions, as for ``Head``.
     """
 
     layer: int
@@ -84,7 +86,7 @@ class Resid:
 
     Attributes:
         layer: The layer the stream enters.
-        pos: Positions, as for :class:`Head`.
+        pos: Positions, as for ``Head``.
     """
 
     layer: int
@@ -121,14 +123,19 @@ def path_patching(
         model: The model.
         orig: Token ids ``[batch, pos]`` of the prompts the model runs on.
         new: Token ids of the same shape: where the senders' values come from.
-        metric: ``metric(logits) -> scalar`` for one experiment's logits
-            ``[batch, pos, vocab]``.
+        metric: ``metric(x) -> scalar`` for one experiment's rows: ``x`` is the logits
+            ``[batch, pos, vocab]`` where the model has them, otherwise the model's
+            output (for a headless ``BertModel`` its ``BaseModelOutputWithPooling...``:
+            read ``x.last_hidden_state``), as for ``activation_patching``.
         senders: ``"heads"`` (every head alone; values ``[layer, head]``) or a list of
-            sender sets, each a :class:`Head` / :class:`Mlp` / :class:`Resid` or a list
+            sender sets, each a ``Head`` / ``Mlp`` / ``Resid`` or a list
             of them (values ``[n_sets]``).
         receivers: ``"logits"`` (the senders' direct effect on the output), or a
-            :class:`Head` / :class:`Mlp` / :class:`Resid` or a list of them, which receive
-            together.
+            ``Head`` / ``Mlp`` / ``Resid`` or a list of them, which receive
+            together. On a model without logits (an encoder) ``"logits"`` means its
+            output, e.g. the final hidden state: the senders reach it through the
+            residual stream and the recomputed MLPs and LayerNorms only (in a
+            post-LN encoder such as BERT that includes every later layer's norms).
         freeze_mlps: Also freeze the MLPs that are not senders or receivers (the paper
             recomputes them).
         form: ``"two_pass"`` or ``"single_pass"``.
@@ -142,11 +149,11 @@ def path_patching(
     sets, shape, axes = _sender_sets(model, senders)
     targets = _receivers(model, receivers)
     if form not in FORMS:
-        raise ValueError(f"form={form!r}: choose 'two_pass' or 'single_pass'")
+        raise ArgumentError(f"form={form!r}: choose 'two_pass' or 'single_pass'")
     if experiments_per_pass < 1:
-        raise ValueError(f"experiments_per_pass={experiments_per_pass} must be at least 1")
+        raise ArgumentError(f"experiments_per_pass={experiments_per_pass} must be at least 1")
     if tuple(orig.shape) != tuple(new.shape):
-        raise ValueError(
+        raise ArgumentError(
             f"orig and new must have the same shape; got {tuple(orig.shape)} and "
             f"{tuple(new.shape)}. Pad the prompts to one length."
         )
@@ -157,9 +164,9 @@ def path_patching(
     chunks = range(0, len(sets), experiments_per_pass)
     for start in tqdm(chunks, desc="path patching", disable=not progress):
         chunk = sets[start : start + experiments_per_pass]
-        logits = run(model, orig, chunk, targets, caches, freeze_mlps)
+        scores = run(model, orig, chunk, targets, caches, freeze_mlps)
         out[start : start + len(chunk)] = torch.stack([
-            torch.as_tensor(metric(logits[e * batch : (e + 1) * batch])).detach().float().cpu()
+            torch.as_tensor(metric(experiment(scores, e, batch))).detach().float().cpu()
             for e in range(len(chunk))
         ])  # fmt: skip
     return PatchResult(out.reshape(shape), axes, "path", "noise", "path patching")
@@ -170,7 +177,7 @@ def _sender_sets(model: Model, senders: Any) -> tuple[list[list[Node]], tuple, t
     """Sender sets as lists of nodes, and the result's shape and axis names."""
     if isinstance(senders, str):
         if senders != "heads":
-            raise ValueError(
+            raise ArgumentError(
                 f"senders={senders!r}: give 'heads' (every head alone) or a list of sender "
                 "sets such as [Head(0, 1), [Head(1, 0), Mlp(1)]]"
             )
@@ -178,11 +185,11 @@ def _sender_sets(model: Model, senders: Any) -> tuple[list[list[Node]], tuple, t
         return sets, (model.n_layers, model.n_heads), ("layer", "head")
     sets = [_nodes(model, s, "sender") for s in senders]
     if not sets:
-        raise ValueError("senders is empty: give 'heads' or at least one sender set")
+        raise ArgumentError("senders is empty: give 'heads' or at least one sender set")
     for nodes in sets:
         for node in nodes:
             if isinstance(node, Head) and node.input is not None:
-                raise ValueError(
+                raise ArgumentError(
                     f"sender {node!r} names an input ({node.input!r}); a sender is a head's "
                     f"output: use Head({node.layer}, {node.head})"
                 )
@@ -190,10 +197,10 @@ def _sender_sets(model: Model, senders: Any) -> tuple[list[list[Node]], tuple, t
 
 
 def _receivers(model: Model, receivers: Any) -> list[Node]:
-    """The receiver nodes; ``[]`` for the logits."""
+    """The receiver nodes; ``[]`` for the logits (the output of a model without logits)."""
     if isinstance(receivers, str):
         if receivers != "logits":
-            raise ValueError(
+            raise ArgumentError(
                 f"receivers={receivers!r}: give 'logits' or Head / Mlp nodes, e.g. Head(1, 0, 'k')"
             )
         return []
@@ -204,17 +211,17 @@ def _nodes(model: Model, nodes: Any, role: str) -> list[Node]:
     nodes = [nodes] if isinstance(nodes, Head | Mlp | Resid) else list(nodes)
     for node in nodes:
         if not isinstance(node, Head | Mlp | Resid):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"a {role} must be a Head(layer, head), an Mlp(layer) or a Resid(layer); got "
                 f"{type(node).__name__} {node!r}"
             )
         if not 0 <= node.layer < model.n_layers:
-            raise ValueError(f"{role} {node!r}: layer must be in 0..{model.n_layers - 1}")
+            raise ArgumentError(f"{role} {node!r}: layer must be in 0..{model.n_layers - 1}")
         if isinstance(node, Head):
             if not 0 <= node.head < model.n_heads:
-                raise ValueError(f"{role} {node!r}: head must be in 0..{model.n_heads - 1}")
+                raise ArgumentError(f"{role} {node!r}: head must be in 0..{model.n_heads - 1}")
             if node.input not in (None, *INPUTS):
-                raise ValueError(
+                raise ArgumentError(
                     f"{role} {node!r}: input must be 'q', 'k', 'v' or None (all three)"
                 )
     return nodes
@@ -296,27 +303,28 @@ def _site(run: Any, node: Node) -> Any:
     return getattr(run.layer[node.layer].attn.head[node.head], node.input or "z")
 
 
-def _two_pass(model, orig, chunk, targets, caches, freeze_mlps) -> Tensor:
+def _two_pass(model, orig, chunk, targets, caches, freeze_mlps) -> Any:
+    """What the metric scores (logits, or the output), for every experiment's rows."""
     n, batch = len(chunk), orig.shape[0]
     writes = _frozen(model, chunk, targets, caches, freeze_mlps)
     with trace(model) as t:
         saved = [_site(t, node).save() for node in targets]
         _write_frozen(t, writes, targets, slice(None))
-        logits = t.logits.save()
     inputs = _repeat(orig, n)
     with torch.no_grad():
         first = t.program.run(model, inputs)
     if not targets:
-        return first[logits]
+        return scored(first.output)
     with trace(model) as t:
         for node, handle in zip(targets, saved, strict=True):
             rows, pos = _all_rows(n, batch, node.pos)
             _site(t, node)[rows, pos] = first[handle][rows, pos]
     with torch.no_grad():
-        return logits_of(t.program.run(model, inputs).output)
+        return scored(t.program.run(model, inputs).output)
 
 
-def _single_pass(model, orig, chunk, targets, caches, freeze_mlps) -> Tensor:
+def _single_pass(model, orig, chunk, targets, caches, freeze_mlps) -> Any:
+    """As ``_two_pass``, with both runs stacked along the batch axis of one pass."""
     n, batch = len(chunk), orig.shape[0]
     writes = _frozen(model, chunk, targets, caches, freeze_mlps)
     half = n * batch
@@ -326,8 +334,8 @@ def _single_pass(model, orig, chunk, targets, caches, freeze_mlps) -> Tensor:
             _site(t, node)[rows + half, pos] = _site(t, node)[rows, pos]
         _write_frozen(t, writes, targets, slice(0, half))
     with torch.no_grad():
-        logits = logits_of(t.program.run(model, _repeat(orig, 2 * n)).output)
-    return logits[half:] if targets else logits[:half]
+        out = scored(t.program.run(model, _repeat(orig, 2 * n)).output)
+    return slice_output(out, slice(half, None) if targets else slice(0, half))
 
 
 # -- rows and positions -------------------------------------------------------------------
@@ -357,7 +365,7 @@ def _positions(pos: Position, batch: int) -> Any:
         return torch.full((batch,), pos)
     pos = torch.as_tensor(pos).long()
     if pos.shape != (batch,):
-        raise ValueError(
+        raise ArgumentError(
             f"per-example positions must be a LongTensor [batch] = [{batch}]; got shape "
             f"{tuple(pos.shape)}"
         )

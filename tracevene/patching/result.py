@@ -27,10 +27,31 @@ class PatchResult:
     direction: str
     method: str = "activation patching"
 
-    def plot(self, path: str | Path | None = None, title: str | None = None) -> Any:
+    def plot(
+        self,
+        path: str | Path | None = None,
+        title: str | None = None,
+        center: float = 0.0,
+        label: str | None = None,
+        cmap: str = "RdBu_r",
+    ) -> Any:
         """A heatmap (layer x position; heads side by side), or bars for a 1-D result.
 
+        The heatmap's diverging colours are white at ``center`` (the value of "nothing
+        changed": 0 for differences, 1 for a fraction kept) and symmetric around it,
+        with a colour bar (titled ``label``). A heatmap whose cells are all equal says
+        so in the plot instead of stretching a rounding-error range over the colours.
         Saved as PNG to ``path`` when given; returns the matplotlib figure.
+
+        Args:
+            path: Where to save the figure as PNG (not saved when ``None``).
+            title: The figure's title (default: method, direction and site).
+            center: The value drawn white, the middle of the diverging colours.
+            label: The colour bar's title.
+            cmap: A diverging matplotlib colour map.
+
+        Returns:
+            The matplotlib ``Figure``.
         """
         import matplotlib
 
@@ -39,23 +60,36 @@ class PatchResult:
 
         values = self.values.detach().float().cpu()
         if values.dim() == 1:
-            fig, ax = plt.subplots(figsize=(1 + 0.5 * len(values), 3))
+            fig, ax = plt.subplots(figsize=(1 + 0.5 * len(values), 3), layout="constrained")
             ax.bar(range(len(values)), values.numpy())
             ax.set_xlabel(self.axes[0])
         else:
             values = values if values.dim() == 2 else values.flatten(1)
-            size = (1 + 0.5 * values.shape[1], 1 + 0.4 * values.shape[0])
-            fig, ax = plt.subplots(figsize=size)
-            m = float(values.abs().max()) or 1.0  # white at 0, symmetric colours
-            image = ax.imshow(values.numpy(), cmap="RdBu_r", aspect="auto", vmin=-m, vmax=m)
+            size = (2.5 + 0.5 * values.shape[1], 1.5 + 0.4 * values.shape[0])
+            fig, ax = plt.subplots(figsize=size, layout="constrained")
+            spread = float((values - center).abs().max())
+            low, high = float(values.min()), float(values.max())
+            constant = high - low <= 1e-6 * max(1.0, abs(low), abs(high))
+            m = spread if spread > 1e-6 else 1.0
+            image = ax.imshow(
+                values.numpy(), cmap=cmap, aspect="auto", vmin=center - m, vmax=center + m
+            )
+            if constant:
+                ax.text(
+                    (values.shape[1] - 1) / 2, (values.shape[0] - 1) / 2,
+                    f"constant: every cell is {low:.4g}", ha="center", va="center",
+                    bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "grey"},
+                )  # fmt: skip
             ax.set_yticks(range(values.shape[0]))
             if values.shape[1] <= 40:
                 ax.set_xticks(range(values.shape[1]))
             ax.set_ylabel(self.axes[0])
             ax.set_xlabel(" x ".join(self.axes[1:]))
-            fig.colorbar(image, ax=ax)
+            bar = fig.colorbar(image, ax=ax)
+            if label:
+                bar.set_label(label)
         ax.set_title(title or f"{self.method} ({self.direction}): {self.site}")
         if path is not None:
-            fig.savefig(path, dpi=120, bbox_inches="tight")
+            fig.savefig(path, dpi=120)
         plt.close(fig)
         return fig

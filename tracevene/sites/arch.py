@@ -1,6 +1,6 @@
 """Per-architecture site tables: where each vocabulary site lives in a model.
 
-Adding an architecture is adding one :class:`Arch` entry; backends never branch
+Adding an architecture is adding one ``Arch`` entry; backends never branch
 on the architecture.
 """
 
@@ -53,7 +53,7 @@ class Arch:
             ``GPT2LMHeadModel``). Paths are relative to the base model; a path starting
             with ``^`` is relative to the top module (the LM head).
         layers: Path of the ``nn.ModuleList`` of blocks, relative to the base model.
-        sites: Vocabulary key -> :class:`Hook`.
+        sites: Vocabulary key -> ``Hook``.
         unsupported: Vocabulary key -> why this family has no such site.
         unsupported_if: Vocabulary key -> ``(config flag, reason)``: the site is missing
             on models whose config sets the flag.

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import SiteError, closest
+from ..errors import ArgumentTypeError, SiteError, closest
 from .arch import Arch, Hook, find_arch
 from .vocab import Site, display, parse, vocabulary
 
@@ -246,7 +246,7 @@ class Resolver:
 
     # -- binding -------------------------------------------------------------
     def bind(self, name: str) -> Binding:
-        """The :class:`Binding` of a site name (validated, cached)."""
+        """The ``Binding`` of a site name (validated, cached)."""
         if name not in self._cache:
             self._cache[name] = self._bind(self.check(name))
         return self._cache[name]
@@ -312,7 +312,7 @@ def offered(check: Callable[[str], Any], n_layers: int) -> list[str]:
 
 
 def check_range(site: Site, where: str, n_layers: int, n_heads: int, n_kv_heads: int) -> None:
-    """Raise a :class:`SiteError` saying the range if a layer or head index is outside it."""
+    """Raise an ``iv.SiteError`` saying the range if a layer or head index is outside it."""
     if site.layer is not None and not 0 <= site.layer < n_layers:
         raise SiteError(
             f"layer {site.layer} is out of range: this model has layers "
@@ -336,4 +336,8 @@ def first_tensor(x: Any) -> Tensor:
         return x[0]
     if hasattr(x, "to_tuple"):
         return first_tensor(x.to_tuple())
-    raise TypeError(f"expected a tensor or a tuple starting with one, got {type(x).__name__}")
+    raise ArgumentTypeError(
+        f"expected a tensor or a tuple starting with one, got {type(x).__name__}: a hooked "
+        "module must return a tensor, a tuple whose first element is one, or a model output "
+        "with .to_tuple(); read another site, or a submodule that returns a tensor."
+    )

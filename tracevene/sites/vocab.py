@@ -101,7 +101,7 @@ def display(name: str) -> str:
 
 
 def check_child(level: str, attr: str, where: str) -> None:
-    """Raise a :class:`SiteError` if ``attr`` is not a child of proxy ``level``."""
+    """Raise an ``iv.SiteError`` if ``attr`` is not a child of proxy ``level``."""
     valid = CHILDREN[level]
     if attr not in valid:
         near = ", ".join(closest(attr, valid))

@@ -12,7 +12,7 @@ interpretable causal variables and distributed neural representations").
 Sampling is balanced: each pair is equal with probability 1/2, so ``WX``, ``YZ`` and
 the label are fair coins, independent of each other's values in other examples.
 
-Counterfactual data (:func:`counterfactual_batches`) has two sources per example: the
+Counterfactual data (``counterfactual_batches``) has two sources per example: the
 first gives ``WX``, the second ``YZ``. Each example intervenes on ``WX``, ``YZ`` or
 both; a variable that is not intervened on takes its source from the base itself,
 so the swap is a no-op and one program with two sources serves every example.
@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import ArgumentError
+
 VARIABLES = ("WX", "YZ")
 KINDS = ("WX", "YZ", "both")  # which variables an example intervenes on
 N_ENTITIES = 20
@@ -51,7 +53,9 @@ MODEL_TYPE = "hierarchical_equality_mlp"
 def entity_pool(n: int = N_ENTITIES, dim: int = ENTITY_DIM, seed: int = 0) -> Tensor:
     """``[n, dim]`` entity vectors, uniform in ``[-1, 1]`` (a fixed pool for a seed)."""
     if n < 2 or dim < 1:
-        raise ValueError(f"need at least 2 entities of at least 1 dimension, got n={n}, dim={dim}")
+        raise ArgumentError(
+            f"need at least 2 entities of at least 1 dimension, got n={n}, dim={dim}"
+        )
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, dim, generator=g) * 2 - 1
 
@@ -96,14 +100,14 @@ def counterfactual_batches(
     """Batches of interchange examples for the two variables ``WX`` and ``YZ``.
 
     Each batch is ``{"base", "sources": [source_wx, source_yz], "labels", "kind"}``, the
-    format :func:`tracevene.train` takes for a program with two sources (the first
+    format ``iv.train`` takes for a program with two sources (the first
     feeds ``WX``, the second ``YZ``). ``labels`` is what the high-level model answers
     with ``WX`` taken from the first source and ``YZ`` from the second; ``kind`` says
     which variables each example intervenes on (an index into ``kinds``). For an
     example that leaves a variable alone, that variable's source is the base itself.
 
     Args:
-        pool: The entity pool (:func:`entity_pool`, or ``model.entities``).
+        pool: The entity pool (``entity_pool``, or ``model.entities``).
         n_batches: Number of batches.
         batch_size: Examples per batch.
         seed: Seed of the sampling.
@@ -111,7 +115,7 @@ def counterfactual_batches(
     """
     bad = [k for k in kinds if k not in KINDS]
     if not kinds or bad:
-        raise ValueError(f"kinds={kinds!r}: choose one or more of {KINDS}")
+        raise ArgumentError(f"kinds={kinds!r}: choose one or more of {KINDS}")
     g = torch.Generator().manual_seed(seed)
     return [_counterfactual_batch(pool, batch_size, kinds, g) for _ in range(n_batches)]
 
@@ -148,7 +152,7 @@ class EqualityMLP(nn.Module):
         entity_dim: Dimensions of each entity vector (the input is ``4 * entity_dim``).
         hidden: Width of each hidden layer.
         n_layers: Number of hidden layers.
-        entity_seed: Seed of the entity pool (:func:`entity_pool`).
+        entity_seed: Seed of the entity pool (``entity_pool``).
     """
 
     def __init__(
@@ -161,7 +165,7 @@ class EqualityMLP(nn.Module):
     ):
         super().__init__()
         if n_layers < 1 or hidden < 1:
-            raise ValueError(f"n_layers={n_layers} and hidden={hidden} must be at least 1")
+            raise ArgumentError(f"n_layers={n_layers} and hidden={hidden} must be at least 1")
         self.config = {
             "model_type": MODEL_TYPE,
             "n_entities": n_entities,
@@ -200,7 +204,7 @@ class EqualityMLP(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path) -> EqualityMLP:
-        """The model saved in ``directory`` by :meth:`save`, in eval mode."""
+        """The model saved in ``directory`` by ``save``, in eval mode."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -213,7 +217,7 @@ class EqualityMLP(nn.Module):
             )
         config = json.loads(config_file.read_text())
         if config.get("model_type") != MODEL_TYPE:
-            raise ValueError(
+            raise ArgumentError(
                 f"{config_file} has model_type={config.get('model_type')!r}, not "
                 f"{MODEL_TYPE!r}: give a directory saved by EqualityMLP.save."
             )
@@ -240,7 +244,7 @@ def train_mlp(
     warmup: int = 200,
     **model_kwargs: Any,
 ) -> EqualityMLP:
-    """Train an :class:`EqualityMLP` on fresh balanced batches (CPU, a few seconds).
+    """Train an ``EqualityMLP`` on fresh balanced batches (CPU, a few seconds).
 
     Args:
         pool: Entity pool; default: the model's own (``entity_seed`` in ``model_kwargs``).
@@ -250,7 +254,7 @@ def train_mlp(
         lr: Peak learning rate.
         weight_decay: Decoupled weight decay (AdamW).
         warmup: Steps of linear warmup to ``lr``.
-        **model_kwargs: Passed to :class:`EqualityMLP`.
+        **model_kwargs: Passed to ``EqualityMLP``.
 
     Returns:
         The trained model, in eval mode.
@@ -259,7 +263,7 @@ def train_mlp(
     model = EqualityMLP(**model_kwargs)
     if pool is not None:
         if pool.shape != model.entities.shape:
-            raise ValueError(
+            raise ArgumentError(
                 f"pool has shape {tuple(pool.shape)}, the model expects "
                 f"{tuple(model.entities.shape)}: pass n_entities / entity_dim to match"
             )

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from ..errors import ArgumentError
 from ..model import as_model
 from ..tracing.tracer import trace
 
@@ -128,17 +129,17 @@ def _positions(seq_len: int, lengths: Tensor, g: torch.Generator) -> tuple[Tenso
 
 def _check(vocab_size: int, seq_len: int, repeat_len: int, low: int, min_len: int) -> None:
     if not 2 <= min_len <= repeat_len:
-        raise ValueError(
+        raise ArgumentError(
             f"min_len={min_len}, repeat_len={repeat_len}: a repeat needs at least 2 tokens to "
             "predict one; use 2 <= min_len <= repeat_len"
         )
     if seq_len < 2 * repeat_len + 1:
-        raise ValueError(
+        raise ArgumentError(
             f"seq_len={seq_len} cannot hold BOS and two copies of repeat_len={repeat_len} "
             f"tokens: use seq_len >= {2 * repeat_len + 1}"
         )
     if vocab_size - low < 2 * repeat_len + 1:
-        raise ValueError(
+        raise ArgumentError(
             f"vocab_size={vocab_size} with low={low} leaves {vocab_size - low} tokens; x, its "
             f"resampled copy and the fillers need at least {2 * repeat_len + 1}: use "
             f"vocab_size >= {low + 2 * repeat_len + 1} or a shorter repeat_len"
@@ -148,7 +149,7 @@ def _check(vocab_size: int, seq_len: int, repeat_len: int, low: int, min_len: in
 def log_probs(logits: Float[Tensor, "batch pos vocab"], ds: Dataset) -> Float[Tensor, " batch"]:
     """Mean log-probability of the correct next token on each sequence's repeated half."""
     if logits.shape[:2] != ds.orig.shape:
-        raise ValueError(
+        raise ArgumentError(
             f"logits of shape {tuple(logits.shape)} do not match the dataset's "
             f"{len(ds)} sequences of {ds.orig.shape[1]} tokens: pass the logits of ds.orig "
             "(or ds.new), [batch, pos, vocab]"
@@ -160,7 +161,7 @@ def log_probs(logits: Float[Tensor, "batch pos vocab"], ds: Dataset) -> Float[Te
 
 
 def metric(ds: Dataset) -> Callable[[Tensor], Tensor]:
-    """``metric(logits) -> scalar``: :func:`log_probs` averaged over the dataset."""
+    """``metric(logits) -> scalar``: ``log_probs`` averaged over the dataset."""
     return lambda logits: log_probs(logits, ds).mean()
 
 
@@ -199,7 +200,7 @@ def head_scores(model: Any, ds: Dataset, batch_size: int = 64) -> tuple[Tensor, 
     The patterns are read with one program: ``t.layer[i].attn.pattern.save()``.
 
     Args:
-        model: An ``iv.Model`` (or a module :func:`tracevene.wrap` accepts).
+        model: An ``iv.Model`` (or a module ``iv.wrap`` accepts).
         ds: The sequences.
         batch_size: Sequences per forward pass.
 

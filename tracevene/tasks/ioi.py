@@ -1,7 +1,7 @@
 """Indirect object identification (IOI, Wang et al. 2023): prompts, corrupted prompts, scores.
 
 A prompt names two people, then repeats one of them (the subject S); a model that
-has learnt the task completes it with the other one (the indirect object IO)::
+has learnt the task completes it with the other one (the indirect object IO):
 
     When Mary and John went to the store, John gave a drink to   ->  Mary
 
@@ -15,7 +15,7 @@ and S2 slots: it carries no information about which name is the answer.
 Prompts start with the tokenizer's BOS token if it has one (``<|endoftext|>``, as
 GPT-2 prompts do in TransformerLens) and are right-padded to one length; all prompts
 of one template have the same length and positions. The score is read at END, the
-last real token::
+last real token:
 
     from tracevene.tasks import ioi
     tok = ioi.tokenizer()
@@ -27,7 +27,7 @@ The same functions work with GPT-2's byte-level BPE tokenizer: names, places and
 objects are used with a leading space (``" Mary"``), and those that are not one
 token are dropped.
 
-Two bundled checkpoints use :func:`tokenizer` (saved with them; load with
+Two bundled checkpoints use ``tokenizer`` (saved with them; load with
 ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``): ``models/ioi``, a
 2-layer, 4-head attention-only GPT-2 trained on these prompts
 (``models/train_ioi.py``), and ``models/ioi_circuit``, a 3-layer, 3-head GPT-2 whose
@@ -47,6 +47,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .. import metrics
+from ..errors import ArgumentError
 from ..metrics import at_position, logits_of
 
 NAMES: tuple[str, ...] = (
@@ -92,9 +93,9 @@ _WORD = re.compile(r"\w+|[^\w\s]+")
 def tokenizer() -> Any:
     """The bundled word-level tokenizer: every word and punctuation mark is one token.
 
-    Built in memory, deterministically, from :data:`NAMES`, :data:`PLACES`,
-    :data:`OBJECTS` and the words of :data:`TEMPLATES`. ``<|endoftext|>`` (id 0) is the
-    BOS, EOS and pad token; ``tokenizer("text")`` prepends it, as :func:`make_dataset` does.
+    Built in memory, deterministically, from ``NAMES``, ``PLACES``,
+    ``OBJECTS`` and the words of ``TEMPLATES``. ``<|endoftext|>`` (id 0) is the
+    BOS, EOS and pad token; ``tokenizer("text")`` prepends it, as ``make_dataset`` does.
 
     Returns:
         A ``transformers.PreTrainedTokenizerFast``.
@@ -181,23 +182,23 @@ def make_dataset(
     """``n`` IOI prompts and their ABC corruptions, templates in equal shares.
 
     Args:
-        tokenizer: A Hugging Face tokenizer: :func:`tokenizer` (the bundled models')
+        tokenizer: A Hugging Face tokenizer: ``tokenizer`` (the bundled models')
             or a BPE tokenizer such as GPT-2's, where a name is used as ``" Name"``.
         n: Number of prompts.
         seed: Seed of the draws (templates, names, places, objects).
         templates: Templates with ``{IO}``, ``{S}``, ``{S2}`` and optionally ``{PLACE}``,
-            ``{OBJECT}`` slots (default: :data:`TEMPLATES`).
-        names: Candidate names (default: :data:`NAMES`); those that are not one token
+            ``{OBJECT}`` slots (default: ``TEMPLATES``).
+        names: Candidate names (default: ``NAMES``); those that are not one token
             for ``tokenizer`` are dropped, and at least 5 must remain.
 
     Returns:
-        A :class:`Dataset`.
+        A ``Dataset``.
     """
     templates = tuple(TEMPLATES if templates is None else templates)
     _check_templates(templates)
     name_words, name_ids = _single_tokens(tokenizer, NAMES if names is None else names, "names")
     if len(name_words) < 5:
-        raise ValueError(
+        raise ArgumentError(
             f"only {len(name_words)} of the names are one token each for this tokenizer "
             f"({list(name_words)}); IOI needs at least 5: IO, S, and three other names for "
             "the corrupted (ABC) prompt. Pass names= with more names that are single tokens "
@@ -225,17 +226,17 @@ def make_dataset(
 
 def _check_templates(templates: tuple[str, ...]) -> None:
     if not templates:
-        raise ValueError("templates= is empty: give at least one template (see ioi.TEMPLATES)")
+        raise ArgumentError("templates= is empty: give at least one template (see ioi.TEMPLATES)")
     for t in templates:
         slots = _SLOT.findall(t)
         if sorted(s for s in slots if s in ("IO", "S", "S2")) != ["IO", "S", "S2"]:
-            raise ValueError(
+            raise ArgumentError(
                 f"template {t!r} has slots {slots}: it needs {{IO}}, {{S}} and {{S2}} once "
                 "each (and may have {PLACE} and {OBJECT}), like ioi.TEMPLATES[0] = "
                 f"{TEMPLATES[0]!r}."
             )
         if t.index("{S2}") < max(t.index("{IO}"), t.index("{S}")):
-            raise ValueError(f"template {t!r}: {{S2}} must come after {{IO}} and {{S}}.")
+            raise ArgumentError(f"template {t!r}: {{S2}} must come after {{IO}} and {{S}}.")
 
 
 def _single_tokens(tokenizer: Any, words: Sequence[str], what: str) -> tuple[list[str], Tensor]:
@@ -247,7 +248,7 @@ def _single_tokens(tokenizer: Any, words: Sequence[str], what: str) -> tuple[lis
             kept.append(w)
             ids.append(tokens[0])
     if not kept:
-        raise ValueError(
+        raise ArgumentError(
             f"none of the {what} {list(words)[:5]}... is one token for this tokenizer (as "
             f"' word', with a leading space); IOI prompts need single-token {what}: use "
             "ioi.tokenizer() or a tokenizer with a word-sized vocabulary such as GPT-2's."
@@ -355,7 +356,7 @@ def _collate(
 def _end_logits(logits: Any, ds: Dataset) -> Float[Tensor, "n vocab"]:
     x = logits_of(logits)
     if x.shape[0] != len(ds):
-        raise ValueError(
+        raise ArgumentError(
             f"logits have batch size {x.shape[0]} but the dataset has {len(ds)} prompts: "
             "pass the logits of ds.clean (or ds.corrupted, or ds[i:j] for a slice)."
         )
