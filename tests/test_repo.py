@@ -83,3 +83,33 @@ def test_dev_extra_is_pinned_and_py_typed_is_shipped():
     assert not unpinned, f"the dev extra must pin exact versions; unpinned: {unpinned}"
     assert "py.typed" in meta["tool"]["setuptools"]["package-data"]["tracevene"]
     assert (ROOT / "tracevene" / "py.typed").is_file()
+
+
+def _ci_statements() -> list[str]:
+    """.ci/run's commands with backslash-continued lines joined."""
+    joined = re.sub(r"\\\n\s*", " ", CI.read_text(encoding="utf-8"))
+    lines = [line.strip() for line in joined.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def test_ci_runs_the_numeric_core_on_a_second_kernel_path():
+    second = [line for line in _ci_statements() if line.startswith("ATEN_CPU_CAPABILITY=default")]
+    assert second and "python -m pytest" in second[0], (
+        ".ci/run must rerun the numeric core with ATEN_CPU_CAPABILITY=default"
+    )
+    for core in ("test_conformance.py", "test_sites.py", "test_patching.py"):
+        assert f"tests/{core}" in second[0], f"the second kernel path must run tests/{core}"
+
+
+def test_ci_runs_the_readme_demo_in_its_own_venv_with_smoke():
+    ci = _ci_statements()
+    assert '"$PYTHON" -m venv "$WORK/demo"' in ci, ".ci/run must make a fresh venv for the demo"
+    *installs, run = [step.strip() for step in DEMO_COMMAND.split("&&")]
+    for step in installs:  # the README's installs, with the [recipes] extra unpinned
+        pip_args = step.removeprefix("pip ")
+        assert f'"$WORK/demo/bin/pip" {pip_args}' in ci, f"the demo venv must run {step!r}"
+    script = run.removeprefix("python ")
+    assert any(
+        line.startswith(f'HF_HUB_OFFLINE=1 "$WORK/demo/bin/python" {script} --smoke')
+        for line in ci
+    ), f".ci/run must run {script} --smoke in the demo venv"
