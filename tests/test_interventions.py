@@ -14,6 +14,7 @@ import copy
 import json
 import math
 
+import numerics
 import pytest
 import torch
 from torch import Tensor, nn
@@ -28,8 +29,15 @@ D = 32  # d_model of models.gpt2()
 TRAINABLE = ["RotatedSpace", "LowRankRotatedSpace", "BoundlessRotatedSpace", "SigmoidMask"]
 
 
-def close(a: Tensor, b: Tensor, atol: float = 1e-5) -> None:
-    torch.testing.assert_close(a, b, rtol=0, atol=atol)
+def close(
+    a: Tensor, b: Tensor, ulps: int = numerics.MODEL, what: str = "intervention output"
+) -> None:
+    """``a`` (the intervention, in a program or on tensors) against its closed form or a
+    plain-hook run; ``numerics.OP`` where both sides are a few tensor operations."""
+    numerics.assert_close(a, b, what=what, ulps=ulps)
+
+
+BF16_EPS = 2.0**-8  # bfloat16's relative rounding step (7 stored mantissa bits)
 
 
 @pytest.fixture(scope="module")
@@ -197,13 +205,13 @@ def test_static_closed_form_on_tensors(case):
     _, build, kwargs, expected = case
     base, source = torch.randn(2, 5, D), torch.randn(2, 5, D)
     out = build()(base, source, **kwargs)
-    close(out, expected(base, source), atol=1e-6)
+    close(out, expected(base, source), ulps=numerics.OP)
     assert out.shape == base.shape and out.dtype == base.dtype
     # on a single vector, and in float64 (the dtype of the base is kept)
     base64, source64 = base[0, 0].double(), source[0, 0].double()
     out64 = build()(base64, source64, **kwargs)
     assert out64.dtype == torch.float64
-    close(out64, expected(base[0, 0], source[0, 0]).double(), atol=1e-6)
+    close(out64, expected(base[0, 0], source[0, 0]).double(), ulps=numerics.OP)
 
 
 @pytest.mark.parametrize("case", STATIC, ids=STATIC_IDS)
@@ -244,7 +252,7 @@ def test_noise_is_reproducible_and_seeded():
     noise = iv.Noise(0.5, seed=1)
     assert torch.equal(noise(x), noise(x))  # every call draws the same noise
     assert not torch.allclose(iv.Noise(0.5, seed=2)(x), a)
-    close(a - x, _noise(x.shape, 0.5, 1), atol=1e-6)
+    close(a - x, _noise(x.shape, 0.5, 1), ulps=numerics.OP, what="the noise added")
     assert torch.equal(iv.Noise(0.0, seed=1)(x), x)
 
 
@@ -253,7 +261,7 @@ def test_noise_is_shape_agnostic(shape):
     x = torch.randn(shape)
     out = iv.Noise(0.2, seed=5)(x)
     assert out.shape == x.shape
-    close(out, x + _noise(shape, 0.2, 5), atol=1e-6)
+    close(out, x + _noise(shape, 0.2, 5), ulps=numerics.OP)
 
 
 def test_noise_std_and_mean():
@@ -275,7 +283,7 @@ def test_noise_is_the_same_on_every_backend(wrapped):
         r = t.program.run(wrapped(backend), base)
         diffs.append(r["noisy"] - r["clean"])
     for d in diffs:
-        close(d, _noise((2, 3, D), 1.0, 11), atol=1e-5)
+        close(d, _noise((2, 3, D), 1.0, 11), what="the noise added in a program")
 
 
 # -- rotations ------------------------------------------------------------------------------
@@ -457,7 +465,7 @@ def test_weight_tying_sums_the_gradients_of_every_site(wrapped, name):
     per_site = [trained_grads(c) for c in copies]
     for n, g in trained_grads(tied).items():
         assert g is not None and g.abs().sum() > 0, n
-        close(g, sum(p[n] for p in per_site), atol=1e-6)
+        close(g, sum(p[n] for p in per_site), what=f"tied gradient of {n} = sum of per-site")
         # every site contributes its own (different) gradient
         assert not torch.allclose(per_site[0][n], per_site[1][n], atol=1e-7), n
         assert not torch.allclose(per_site[0][n], per_site[2][n], atol=1e-7), n
@@ -585,7 +593,9 @@ def test_bf16_activations(name):
     out = module(base.bfloat16(), source.bfloat16())
     assert out.dtype == torch.bfloat16
     # float32 inside: equal to the float32 result up to bf16 rounding of inputs/output
-    close(out.float(), module(base.bfloat16().float(), source.bfloat16().float()), atol=3e-2)
+    want = module(base.bfloat16().float(), source.bfloat16().float())
+    bf16 = 2 * BF16_EPS * numerics.magnitude(want)  # the output's rounding to bf16, and slack
+    torch.testing.assert_close(out.float(), want, atol=bf16, rtol=0)
     assert all(p.dtype == torch.float32 for p in module.parameters())
 
 
@@ -604,7 +614,11 @@ def test_module_cast_to_bf16(name):
     base, source = torch.randn(4, 8), torch.randn(4, 8)
     out = module(base.bfloat16(), source.bfloat16())
     assert out.dtype == torch.bfloat16
-    close(out.float(), module32(base, source), atol=0.1)
+    # bf16 weights and inputs: a few bf16 roundings per product, summed over d=8 terms
+    want = module32(base, source)
+    torch.testing.assert_close(
+        out.float(), want, atol=8 * BF16_EPS * numerics.magnitude(base, source), rtol=0
+    )
     losses = train_steps(make_k1(name, 8).to(torch.bfloat16), *planted_task())
     assert losses[-1] < 0.8 * losses[0], losses
 
@@ -817,7 +831,7 @@ def test_a_subclass_registers_and_saves_in_a_program(wrapped, tmp_path):
     mods = list(loaded.modules.values())
     assert [type(m) for m in mods] == [SteerAlong, iv.BoundlessRotatedSpace]
     assert torch.equal(mods[0].direction, steer.direction)
-    close(loaded.run(model, base, [source])["logits"], want, atol=0)
+    numerics.assert_exact(loaded.run(model, base, [source])["logits"], want, what="loaded program")
     # the steering did something
     no_steer = copy.deepcopy(t.program)
     list(no_steer.modules.values())[0].coef.data.zero_()
