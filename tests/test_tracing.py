@@ -504,7 +504,7 @@ def test_computation_matches_plain_tensor_code(model, base, clean, name):
         y = fn(t.layer[1].resid_post).save()
     expected = fn(clean["transformer.h.1"])
     assert y.value.shape == expected.shape
-    torch.testing.assert_close(y.value, expected, rtol=1e-6, atol=1e-6)
+    numerics.assert_close(y.value, expected, what=f"{name} on a traced value", ulps=numerics.OP)
 
 
 def test_values_from_two_runs_combine(gpt2, model, base, source):
@@ -554,7 +554,7 @@ def test_module_runs_with_its_weights_at_run_time(model, base, clean):
         lin.bias.fill_(1.0)
     result = t.program.run(model, base)
     expected = clean["transformer.h.1"][:, -1] * 2 + 1
-    torch.testing.assert_close(result["y"], expected, rtol=1e-6, atol=1e-6)
+    numerics.assert_close(result["y"], expected, what="module called at run time", ulps=numerics.OP)
 
 
 def test_module_output_written_back(gpt2, model, base):
@@ -564,7 +564,7 @@ def test_module_output_written_back(gpt2, model, base):
         logits = t.logits.save()
     with torch.no_grad():
         _, ref = hooked(gpt2, {"input_ids": base}, edit={"transformer.h.1": lin})
-    torch.testing.assert_close(logits.value, ref.logits, rtol=1e-6, atol=1e-6)
+    numerics.assert_close(logits.value, ref.logits, what="logits after a module write vs hooks")
 
 
 def test_module_called_on_plain_tensors_inside_block_runs_normally(model, base):
