@@ -25,6 +25,22 @@ from torch import nn  # noqa: E402
 import tracevene as iv  # noqa: E402
 
 DEFAULT_THREADS = torch.get_num_threads()
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def err_ulps(got: torch.Tensor, want: torch.Tensor, scale: float | None = None) -> float:
+    """Largest ``|got - want|`` in float32 ulps of ``scale`` (default: the largest ``|want|``).
+
+    The unit tests/numerics.py judges comparisons in: variants that compute the same
+    thing through other kernels differ by a few ulps at the magnitudes involved.
+    """
+    want = torch.as_tensor(want).detach().double()
+    got = torch.as_tensor(got).detach().double()
+    if scale is None:
+        scale = want.abs().max().item()
+    return (got - want).abs().max().item() / (EPS32 * max(scale, torch.finfo().tiny))
+
+
 FULL = dict(n_layer=12, n_embd=768, n_head=12, vocab=50257, batch=8, seq=32)
 QUICK = dict(n_layer=4, n_embd=64, n_head=4, vocab=1000, batch=2, seq=8)
 

@@ -82,7 +82,7 @@ from typing import Any
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import CLOCKS, FULL, QUICK, build_model, interleaved, iv, machine
+from common import CLOCKS, FULL, QUICK, build_model, err_ulps, interleaved, iv, machine
 from torch import nn  # noqa: E402
 
 MIN_SPEEDUP = 1.5  # tracevene's throughput at least 1.5x pyvene's ...
@@ -405,6 +405,12 @@ def checks(init_loss: dict[str, float], losses: dict[str, list[float]]) -> dict[
         "matrix_exp_pair_max_loss_diff_over_run": max(same),
         "matrix_exp_pair_loss_diff_by_step": same,
         "steps_compared": len(same),
+        "init_loss_err_ulps": {
+            f"{t} vs {p}": err_ulps(init_loss[t], init_loss[p]) for t, p in PEER.items()
+        },
+        "matrix_exp_pair_max_loss_err_ulps": max(
+            err_ulps(a, b) for a, b in zip(losses[TV_MEXP], losses[PV_FULL], strict=True)
+        ),
     }
 
 

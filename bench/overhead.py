@@ -56,6 +56,7 @@ from common import (
     FULL,
     QUICK,
     build_model,
+    err_ulps,
     first,
     interleaved,
     iv,
@@ -101,10 +102,9 @@ def check_outputs(
     plain: torch.Tensor, save_only: Any, by_hand: torch.Tensor, program: torch.Tensor,
     batched: torch.Tensor, resid: torch.Tensor,
 ) -> dict[str, float]:  # fmt: skip
-    """Largest absolute differences between what the variants compute (sanity check)."""
-
-    def diff(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((a - b).abs().max())
+    """Largest differences between what the variants compute, in float32 ulps of the
+    reference's magnitude (sanity check)."""
+    diff = err_ulps
 
     return {
         "save_only_logits_vs_plain": diff(save_only["logits"], plain),
@@ -184,7 +184,7 @@ def run(quick: bool, repeats: int, warmup: int, record_repeats: int, device: str
             AUTO: auto.plan.describe(),
             BATCHED: batched.plan.describe(),
         },
-        "max_abs_diff": diffs,
+        "max_err_ulps": diffs,
         **{clock: summarise(samples[clock]) for clock in CLOCKS},
     }
 
@@ -284,8 +284,8 @@ def report(fig: dict) -> str:
         "CPU = time.process_time (all threads of this process); 'x plain' and the "
         "results are medians of per-repeat ratios" + ("  [QUICK SMOKE RUN]" * c["quick"]),
         "plans: " + "; ".join(f"{k}: {v.replace(chr(10), ', ')}" for k, v in fig["plans"].items()),
-        "max |difference| between variants: "
-        + ", ".join(f"{k} {v:.1e}" for k, v in fig["max_abs_diff"].items()),
+        "max difference between variants, in float32 ulps of the reference's magnitude: "
+        + ", ".join(f"{k} {v:.2g}" for k, v in fig["max_err_ulps"].items()),
         "",
         table(fig),
     ]
