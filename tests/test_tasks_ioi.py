@@ -108,7 +108,7 @@ def test_logit_diff_and_accuracy(tok, ds):
     logits[rows, end] = 0.0
     logits[rows, end, ds.io] = 2.0
     logits[rows, end, ds.s] = 0.5
-    assert torch.allclose(ioi.logit_diff(logits, ds), torch.full((n,), 1.5))
+    assert torch.equal(ioi.logit_diff(logits, ds), torch.full((n,), 1.5))  # 2.0 - 0.5, exact
     assert ioi.accuracy(logits, ds) == 1.0
     other = ds.name_ids[(ds.name_ids != ds.io[0]) & (ds.name_ids != ds.s[0])][0]
     logits[0, end[0], other] = 3.0  # another name wins prompt 0
