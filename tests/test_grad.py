@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import copy
 
+import numerics
 import pytest
 import torch
 from torch import nn
 
 import models
-import numerics
 import tracevene as iv
 from models import Rotate
 

@@ -6,12 +6,12 @@ Numbers are checked against hand-made computations with plain forward hooks.
 
 from __future__ import annotations
 
+import numerics
 import pytest
 import torch
 from torch import nn
 
 import models
-import numerics
 import tracevene as iv
 
 B, P, D = 2, 6, 32
