@@ -24,25 +24,34 @@ chosen positions (``--head-positions``, default S2 and END) read off a layer x
 position x head sweep. Heads are patched jointly at all positions rather than summing
 per-position effects, which need not add up.
 
-What to expect. In the residual stream the answer lives at the name positions (IO,
-S1, S2) in the early layers and reaches END only where heads move it there: on the
-bundled 2-layer model resid_pre at END is never enough (the name is moved by layer 1
-itself), while S2 at layer 1 gives back two thirds of the logit difference. attn.out
-at END in the last layer and the one head that writes there (head 1.0, the model's
-name mover) are the strongest cells. On GPT-2 small, Wang et al. 2023 find the name
-movers 9.9, 9.6, 10.0 and the S-inhibition heads 7.3, 7.9, 8.6, 8.10. A tiny model
-trained on IOI solves the task its own way: judge it by behaviour, not by GPT-2's head
-numbers.
+What to expect. On the bundled ``models/ioi`` (4 layers x 4 heads, attention only; its
+MLP weights are zero), each of these is checked by the verdict that ends a run:
+
+- the model answers: clean accuracy >= 0.95;
+- the END token's own embedding holds no name: denoising resid_pre at END in layer 0
+  gives |metric| < 0.01;
+- the name starts at IO: denoising resid_pre at IO in layer 0 gives >= 0.5;
+- from layer 2 on the answer sits at END: denoising resid_pre at END in layers 2 and
+  3 gives >= 0.95;
+- one head moves most of it: head 0.1 (patched at all positions) is the strongest
+  head when denoising, gives >= 0.5 denoised and leaves <= 0.2 noised;
+- no head's output at S2 matters: noising any head at S2 leaves >= 0.95;
+- the MLPs do nothing: no mlp.out cell moves the metric by more than 1e-4.
+
+On GPT-2 small, Wang et al. 2023 find the name movers 9.9, 9.6, 10.0 and the
+S-inhibition heads 7.3, 7.9, 8.6, 8.10 (the paper's numbers, not checked here). A tiny
+model trained on IOI solves the task its own way: judge it by behaviour, not by
+GPT-2's head numbers. With another --model the recipe states no expectations.
 
 Run:
     python recipes/activation_patching.py [--smoke] [--n 32] [--template 0]
         [--model ioi | /path/to/gpt2] [--backend torch|nnsight|transformer_lens] [--out out]
 
-The default model is the bundled ``models/ioi`` (offline, seconds on CPU). With
-``--model /path/to/gpt2`` (a local Hugging Face directory) the same sweeps run on
-GPT-2 small: minutes on a CPU for the per-head sweeps. Prints the clean and corrupted
-logit differences, a table of the strongest cells of every sweep, and saves one
-heatmap per sweep and direction into ``--out``.
+The default model is the bundled ``models/ioi`` (offline). With ``--model
+/path/to/gpt2`` (a local Hugging Face directory) the same sweeps run on GPT-2 small.
+Prints the clean and corrupted logit differences, a table of the strongest cells of
+every sweep and the verdict, saves one heatmap per sweep and direction into
+``--out``, and exits with status 1 if an expectation fails.
 """
 
 from __future__ import annotations
@@ -211,18 +220,47 @@ def plot_all(
     for key, res in results.items():
         if res.values.dim() != 2:
             continue
-        fig = res.plot(title=f"{model_name}, {key} (0 = corrupted, 1 = clean)")
+        direction = key.split(" ", 1)[0]
+        fig = res.plot(  # white where the patch changed nothing: 0 denoising, 1 noising
+            title=f"{model_name}, {key}\n(metric: 0 = corrupted, 1 = clean)",
+            center=0.0 if direction == "denoise" else 1.0, label="metric",
+        )  # fmt: skip
         ax = fig.axes[0]
-        bound = max(float(res.values.abs().max()), 1.0)
-        ax.images[0].set_clim(-bound, bound)  # 0 (corrupted) white, 1 (clean) red
         ticks = labels if res.axes[1] == "pos" else [str(h) for h in range(res.values.shape[1])]
         ax.set_xticks(range(len(ticks)), ticks, rotation=90 if res.axes[1] == "pos" else 0)
         ax.set_yticks(range(res.values.shape[0]))
         name = key.replace(" ", "_").replace("@", "_at_").replace(".", "_")
         path = common.out_file(out, f"activation_patching_{name}.png")
-        fig.savefig(path, dpi=100, bbox_inches="tight")
+        fig.savefig(path, dpi=100)
         paths.append(path)
     return paths
+
+
+def expectations(summary: dict[str, Any], ds: ioi.Dataset) -> list[common.Check]:
+    """The checks of the help text's "What to expect" (the bundled ``models/ioi``)."""
+    v, pos = summary["values"], {role: int(p[0]) for role, p in ds.pos.items()}
+    denoise_resid, heads = v["denoise resid_pre"], v["denoise z@all"]
+    best = divmod(int(heads.abs().argmax()), heads.shape[1])
+    head_01 = (float(heads[0, 1]), float(v["noise z@all"][0, 1]))
+    mlp = max(float(v["denoise mlp.out"].abs().max()), float((v["noise mlp.out"] - 1).abs().max()))
+    late_end = float(denoise_resid[2:, pos["END"]].min())
+    check = common.check
+    return [
+        check("clean accuracy >= 0.95", summary["clean_accuracy"],
+              summary["clean_accuracy"] >= 0.95),
+        check("denoise resid_pre, layer 0, END: |metric| < 0.01",
+              float(denoise_resid[0, pos["END"]]), abs(denoise_resid[0, pos["END"]]) < 0.01),
+        check("denoise resid_pre, layer 0, IO: >= 0.5", float(denoise_resid[0, pos["IO"]]),
+              denoise_resid[0, pos["IO"]] >= 0.5),
+        check("denoise resid_pre, layers 2-3, END: >= 0.95 (min)", late_end, late_end >= 0.95),
+        check("strongest denoised head (all positions) is 0.1", f"{best[0]}.{best[1]}",
+              best == (0, 1)),
+        check("head 0.1 (all positions): denoise >= 0.5", head_01[0], head_01[0] >= 0.5),
+        check("head 0.1 (all positions): noise <= 0.2", head_01[1], head_01[1] <= 0.2),
+        check("noise any head at S2: >= 0.95 (min)", float(v["noise z@S2"].min()),
+              v["noise z@S2"].min() >= 0.95),
+        check("mlp.out: no cell moves the metric by > 1e-4", f"{mlp:.1e}", mlp <= 1e-4),
+    ]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -249,6 +287,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "plots": [str(p) for p in paths], "seconds": time.perf_counter() - start,
     }  # fmt: skip
     report(summary, args)
+    bundled = common.is_bundled(args.model, "ioi") and "S2" in args.head_positions
+    summary["passed"] = common.verdict(expectations(summary, ds) if bundled else [])
+    common.finish(summary["passed"])
     return summary
 
 

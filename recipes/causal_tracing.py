@@ -34,20 +34,33 @@ Sites: ``resid_pre`` (the residual stream into each layer; layer 0 is the embedd
 and, like ROME, windows of ``attn.out`` and ``mlp.out``: the cell for layer l restores
 the attention (MLP) output of the ``--window`` layers around l at one position.
 
-What to expect. On the bundled model (2 attention-only layers) restoring the IO
-token's embedding alone brings back almost all of p(IO) (the model copies the one
-clean name it sees), restoring S1 or S2 alone almost nothing, and the END position
-carries about half of it from layer 1 on (the state the name-moving head queries
-with). The MLP heatmap is flat there: the model's MLPs are zero. A restoration says
-what one state can do in the noised context: a late state can fail to help when
-earlier states at its position stay corrupted.
+What to expect. On the bundled ``models/ioi`` (4 layers x 4 heads, attention only; its
+MLP weights are zero) with the default noise on all three names, each of these is
+checked by the verdict that ends a run:
+
+- the noise works: p(IO) is >= 0.9 clean and <= 0.2 corrupted;
+- the answer is the IO token's embedding: restoring resid_pre at IO in layer 0
+  recovers >= 0.9 of p_clean - p_corrupted (the model copies the one clean name it
+  sees), restoring S2 alone <= 0.05;
+- END holds the answer after layer 0: restoring resid_pre at END recovers <= 0.05 in
+  layer 0 (the END embedding holds no name) and >= 0.95 in every later layer;
+- layer 0's attention is what writes it there: restoring attn.out of layer 0 at END
+  gives p(IO) within 1e-4 of restoring resid_pre of layer 1 there (nothing else
+  writes to END in between), while restoring layer 1's attention output at END alone
+  recovers <= 0.1;
+- the MLPs do nothing: every mlp.out restoration is within 1e-4 of p_corrupted.
+
+A restoration says what one state can do in the noised context: a late state can fail
+to help when earlier states at its position stay corrupted. With another --model,
+--subject or --window the recipe states no expectations.
 
 Run:
     python recipes/causal_tracing.py [--smoke] [--n 32] [--subject names|io|s]
         [--window 1] [--model ioi | /path/to/gpt2] [--backend torch|nnsight|...] [--out out]
 
-Prints p(IO) clean and corrupted, the strongest restorations of each site and saves
-one heatmap per site into ``--out``.
+Prints p(IO) clean and corrupted, the strongest restorations of each site and the
+verdict, saves one heatmap per site into ``--out``, and exits with status 1 if an
+expectation fails.
 """
 
 from __future__ import annotations
@@ -66,7 +79,6 @@ from tracevene.patching import PatchResult
 from tracevene.tasks import ioi
 
 SITES = ("resid_pre", "attn.out", "mlp.out")
-COLOURS = {"resid_pre": "Purples", "attn.out": "Reds", "mlp.out": "Greens"}  # as ROME's
 SUBJECTS = {"names": ("IO", "S1", "S2"), "io": ("IO",), "s": ("S1", "S2")}
 MIN_RECOVERED = 0.005  # restorations that recover less are not listed
 Metric = Callable[[Tensor], Tensor]
@@ -105,7 +117,10 @@ def parse_args(argv: list[str] | None = None) -> Any:
 def subject_positions(ds: ioi.Dataset, subject: str = "names") -> Tensor:
     """``[n, k]`` positions of the subject tokens of each prompt (see ``--subject``)."""
     if subject not in SUBJECTS:
-        raise ValueError(f"subject={subject!r}: choose one of {sorted(SUBJECTS)}")
+        raise iv.ArgumentError(
+            f"subject={subject!r} is not a subject: choose one of "
+            f"{', '.join(map(repr, sorted(SUBJECTS)))} (the --subject choices)."
+        )
     return torch.stack([ds.pos[role] for role in SUBJECTS[subject]], dim=1)
 
 
@@ -260,20 +275,27 @@ def strongest(
 
 
 def plot_all(
-    results: dict[str, PatchResult], labels: Sequence[str], out: Path, title: str
-) -> list[Path]:
-    """One heatmap of p(IO) per site, positions labelled by token."""
+    results: dict[str, PatchResult], labels: Sequence[str], out: Path, title: str,
+    p_corrupted: float,
+) -> list[Path]:  # fmt: skip
+    """One heatmap per site of the restoration's effect, p(IO) - p_corrupted.
+
+    Diverging colours, white at 0 (the restoration changed nothing): red where a
+    restored state raises p(IO), blue where it lowers it. Positions labelled by token.
+    """
     paths = []
     for site, res in results.items():
-        fig = res.plot(title=f"{title}: p(IO) with {res.site} restored")
+        effect = PatchResult(res.values - p_corrupted, res.axes, res.site, res.direction)
+        fig = effect.plot(
+            title=f"{title}: {res.site} restored, effect on p(IO)\n(p_corrupted "
+            f"{p_corrupted:.3f})",
+            label="p(IO) - p_corrupted",
+        )  # fmt: skip
         ax = fig.axes[0]
-        low, high = float(res.values.min()), float(res.values.max())
-        ax.images[0].set_clim(low, max(high, low + 1e-6))
-        ax.images[0].set_cmap(COLOURS[site])
         ax.set_xticks(range(len(labels)), labels, rotation=90)
         ax.set_yticks(range(res.values.shape[0]))
         path = common.out_file(out, f"causal_tracing_{site.replace('.', '_')}.png")
-        fig.savefig(path, dpi=100, bbox_inches="tight")
+        fig.savefig(path, dpi=100)
         paths.append(path)
     return paths
 
@@ -317,11 +339,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "noise_std": float(noise.std()), "p_clean": p_clean, "p_corrupted": p_corrupted,
         "strongest": strongest(results, labels, args.top, p_clean, p_corrupted),
         "values": {site: r.values for site, r in results.items()},
-        "plots": [str(p) for p in plot_all(results, labels, args.out, Path(args.model).name)],
+        "plots": [str(p) for p in plot_all(results, labels, args.out, Path(args.model).name,
+                                           p_corrupted)],
         "seconds": time.perf_counter() - start,
     }  # fmt: skip
     report(summary, args)
+    stated = common.is_bundled(args.model, "ioi") and args.subject == "names" and size == 1
+    summary["passed"] = common.verdict(expectations(summary, ds) if stated else [])
+    common.finish(summary["passed"])
     return summary
+
+
+def expectations(summary: dict[str, Any], ds: ioi.Dataset) -> list[common.Check]:
+    """The checks of the help text's "What to expect" (the bundled ``models/ioi``)."""
+    v, pos = summary["values"], {role: int(p[0]) for role, p in ds.pos.items()}
+    clean, corrupted = summary["p_clean"], summary["p_corrupted"]
+
+    def recovered(site: str, layer: Any, role: str) -> Any:
+        return (v[site][layer, pos[role]] - corrupted) / (clean - corrupted)
+
+    late = float(recovered("resid_pre", slice(1, None), "END").min())
+    same = abs(float(v["attn.out"][0, pos["END"]] - v["resid_pre"][1, pos["END"]]))
+    mlp = float((v["mlp.out"] - corrupted).abs().max())
+    check = common.check
+    return [
+        check("p(IO) clean >= 0.9", clean, clean >= 0.9),
+        check("p(IO) corrupted <= 0.2", corrupted, corrupted <= 0.2),
+        check("restore resid_pre, layer 0, IO: recovered >= 0.9",
+              float(recovered("resid_pre", 0, "IO")), recovered("resid_pre", 0, "IO") >= 0.9),
+        check("restore resid_pre, layer 0, S2: recovered <= 0.05",
+              float(recovered("resid_pre", 0, "S2")), recovered("resid_pre", 0, "S2") <= 0.05),
+        check("restore resid_pre, layer 0, END: |recovered| <= 0.05",
+              float(recovered("resid_pre", 0, "END")),
+              abs(recovered("resid_pre", 0, "END")) <= 0.05),
+        check("restore resid_pre, layers 1+, END: recovered >= 0.95 (min)", late, late >= 0.95),
+        check("attn.out layer 0 at END = resid_pre layer 1 at END (|diff| <= 1e-4)",
+              f"{same:.1e}", same <= 1e-4),
+        check("restore attn.out, layer 1, END: recovered <= 0.1",
+              float(recovered("attn.out", 1, "END")), recovered("attn.out", 1, "END") <= 0.1),
+        check("mlp.out: every restoration within 1e-4 of p_corrupted", f"{mlp:.1e}",
+              mlp <= 1e-4),
+    ]  # fmt: skip
 
 
 def report(summary: dict[str, Any], args: Any) -> None:

@@ -2,8 +2,9 @@
 previous-token head feed?
 
 Method. The data are repeated random sequences (``tracevene.tasks.induction``): BOS,
-fillers, 2 to 8 distinct random tokens x_1..x_n at a random position and their repeat at a
-random later position. At the second x_i an induction circuit predicts x_{i+1}: a
+fillers, n distinct random tokens x_1..x_n at a random position and their repeat at a
+random later position (n from --min-len to --repeat-len; both default to 8, so by
+default every repeat has 8 tokens). At the second x_i an induction circuit predicts x_{i+1}: a
 previous-token head (layer 0) writes "my previous token is x_i" into the residual
 stream at the first x_{i+1}; the induction head (layer 1) attends from the second x_i
 to the position whose previous token matches its own token and copies the token
@@ -28,21 +29,30 @@ second half).
    by the run that patches all three inputs at once.
 3. Which heads feed the induction head's keys: every head alone as the sender.
 
-What to expect. On the bundled 2-layer attention-only model (``models/induction``), a
-layer-0 head with a high previous-token score, a layer-1 head with a high induction
-score, and K-composition: the path into the keys carries nearly all of the edge's
-effect, the query and value paths nearly none. The two forms of path patching (two
-forward passes, or one pass with both runs stacked along the batch) agree.
+What to expect. On the bundled 2-layer attention-only model (``models/induction``),
+each of these is checked by the verdict that ends a run:
+
+- a previous-token head in layer 0 (score >= 0.5) and an induction head in layer 1
+  (score >= 0.9);
+- K-composition: the path into the induction head's keys carries >= 0.95 of the
+  sender -> receiver edge's effect, the query and value paths |fraction| <= 0.05 each;
+- among all heads as senders into the keys, the previous-token head is the
+  strongest;
+- the two forms of path patching (two forward passes, or one pass with both runs
+  stacked along the batch) agree within 1e-4.
+
+With another --model the recipe states no expectations.
 
 Run:
     python recipes/path_patching.py [--smoke] [--n 256] [--model induction | /path/to/gpt2]
         [--backend torch|nnsight|transformer_lens] [--out out] [--seed 0]
 
-Offline, seconds on CPU for the bundled model. With ``--model`` naming another causal
-LM (a local Hugging Face directory, e.g. GPT-2 small) the same analysis runs on
-random repeated tokens from that model's vocabulary, with heads in any layer. Prints
-the strongest heads, a table of paths, and saves path_patching.png (score heatmaps,
-the senders into the keys, the q/k/v bars) into ``--out``.
+Offline for the bundled model. With ``--model`` naming another causal LM (a local
+Hugging Face directory, e.g. GPT-2 small) the same analysis runs on random repeated
+tokens from that model's vocabulary, with heads in any layer. Prints the strongest
+heads, a table of paths and the verdict, saves path_patching.png (score heatmaps, the
+senders into the keys, the q/k/v bars) into ``--out``, and exits with status 1 if an
+expectation fails.
 """
 
 from __future__ import annotations
@@ -145,22 +155,27 @@ def plot(path: Path, prev: Tensor, ind: Tensor, into_keys: Tensor, fractions: di
         ("sender -> induction head's keys\n(fraction of the effect)", into_keys, "RdBu_r"),
     ]
     width = max(2.4, 1.2 + 0.35 * prev.shape[1])  # one-head models need room for the titles
-    fig, axes = plt.subplots(1, 4, figsize=(3 * width + 4, 1.6 + 0.35 * prev.shape[0]))
+    fig, axes = plt.subplots(
+        1, 4, figsize=(3 * width + 4, 1.9 + 0.35 * prev.shape[0]), layout="constrained"
+    )
     for ax, (title, values, cmap) in zip(axes, panels, strict=False):
         _heatmap(fig, ax, values, cmap, title)
     names = list(fractions)
     axes[3].bar(names, [fractions[n] for n in names], color=["C0", "C3", "C2", "C7"])
     axes[3].axhline(0, color="black", linewidth=0.5)
-    axes[3].set(title="path -> fraction of the effect", ylim=(min(0, *fractions.values()) - 0.05,
-                max(1, *fractions.values()) + 0.05))  # fmt: skip
-    fig.tight_layout()
+    low, high = min(0, *fractions.values()) - 0.05, max(1, *fractions.values()) + 0.05
+    axes[3].set(title="each path of the edge\n(fraction of the effect)", ylim=(low, high))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def _heatmap(fig, ax, values: Tensor, cmap: str, title: str) -> None:
-    """A layer x head heatmap; values written in the cells of small models."""
-    lim = max(float(values.abs().max()), 1e-6) if cmap == "RdBu_r" else 1.0
+    """A layer x head heatmap; values written in the cells of small models.
+
+    Scores (0..1) in a sequential map from 0; fractions of an effect in a diverging map
+    white at 0 (no effect), symmetric, at least -1..1.
+    """
+    lim = max(float(values.abs().max()), 1.0) if cmap == "RdBu_r" else 1.0
     image = ax.imshow(
         values.numpy(), cmap=cmap, aspect="auto", vmin=-lim if cmap == "RdBu_r" else 0, vmax=lim
     )
@@ -170,7 +185,8 @@ def _heatmap(fig, ax, values: Tensor, cmap: str, title: str) -> None:
     if values.numel() <= 64:
         for i, v in enumerate(values.flatten().tolist()):
             ax.text(i % values.shape[1], i // values.shape[1], f"{v:.2f}", ha="center",
-                    va="center", fontsize=8, color="gray")  # fmt: skip
+                    va="center", fontsize=8,
+                    bbox={"facecolor": "white", "alpha": 0.7, "linewidth": 0})  # fmt: skip
     fig.colorbar(image, ax=ax)
 
 
@@ -213,14 +229,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     png = common.out_file(args.out, "path_patching.png")
     plot(png, prev, ind, into_keys, fractions)
     print(f"plot: {png}\ndone in {time.perf_counter() - start:.1f} s")
-    return {
+    summary = {
         "sender": sender, "receiver": receiver,
         "prev_score": prev[sender].item(), "induction_score": ind[receiver].item(),
         "metric_orig": m_orig, "metric_new": m_new,
         "fraction": {x or "qkv": (two[x] - m_orig) / total for x in INPUTS},
         "fraction_of_edge": {x or "qkv": (two[x] - m_orig) / edge for x in INPUTS},
         "two_vs_single_pass": gap, "plot": str(png),
+        "strongest_into_keys": divmod(int(into_keys.abs().argmax()), into_keys.shape[1]),
     }  # fmt: skip
+    stated = common.is_bundled(args.model, "induction")
+    summary["passed"] = common.verdict(expectations(summary) if stated else [])
+    common.finish(summary["passed"])
+    return summary
+
+
+def expectations(summary: dict[str, Any]) -> list[common.Check]:
+    """The checks of the help text's "What to expect" (the bundled ``models/induction``)."""
+    (sl, sh), (rl, rh) = summary["sender"], summary["receiver"]
+    edge, best = summary["fraction_of_edge"], summary["strongest_into_keys"]
+    check = common.check
+    return [
+        check("previous-token head in layer 0, score >= 0.5",
+              f"{sl}.{sh} ({summary['prev_score']:.2f})", sl == 0 and summary["prev_score"] >= 0.5),
+        check("induction head in layer 1, score >= 0.9",
+              f"{rl}.{rh} ({summary['induction_score']:.2f})",
+              rl == 1 and summary["induction_score"] >= 0.9),
+        check("k path: >= 0.95 of the edge", edge["k"], edge["k"] >= 0.95),
+        check("q path: |fraction of the edge| <= 0.05", edge["q"], abs(edge["q"]) <= 0.05),
+        check("v path: |fraction of the edge| <= 0.05", edge["v"], abs(edge["v"]) <= 0.05),
+        check("strongest sender into the keys is the previous-token head",
+              f"{best[0]}.{best[1]}", tuple(best) == (sl, sh)),
+        check("two-pass = single-pass within 1e-4", f"{summary['two_vs_single_pass']:.1e}",
+              summary["two_vs_single_pass"] <= 1e-4),
+    ]  # fmt: skip
 
 
 if __name__ == "__main__":

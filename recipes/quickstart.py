@@ -1,7 +1,7 @@
 """Quickstart: train a tiny GPT-2 to repeat a sequence, then intervene on it with tracevene.
 
 The task: a sequence of N random tokens followed by the same N tokens again
-(``BOS x1 .. xN x1 .. xN``). After a few seconds of training, the model copies the
+(``BOS x1 .. xN x1 .. xN``). After training (100 steps by default), the model copies the
 first half into the second. Each experiment uses a *base* sequence and a *source*
 sequence that differ in one token of the first half (position K), so at the query
 position Q (the second-half position just before the copy of x_K) the model predicts
@@ -15,27 +15,37 @@ intervention runs the base with something changed, and the table reports the
 metric and the fraction of the base -> source change it produces (0 = base,
 1 = source).
 
-What to expect: the model learns to copy within layer 0 (attention there moves the
-token at position K to position Q). Interchanging resid_pre of layer 0 at K, or of
-layer 1 at Q, gives the source's answer; the activation-patching sweep shows the same
-move from K to Q. No single head is necessary (the heads of layer 0 are redundant),
-while ablating all of them destroys the copy. Steering along the unembedding
-direction of the source token moves the metric smoothly with the scale.
+What to expect (each of these is checked by the verdict that ends a run): the model
+learns to copy (>= 95% accuracy on the repeated half), and it copies within layer 0
+(attention there moves the token at position K to position Q). Interchanging
+resid_pre of layer 0 at K, or of layer 1 at Q, gives the source's answer (effect >=
+0.95), while layer 1 at K does nothing (<= 0.05): the token has left K by then. The
+activation-patching sweep shows the same move: its only cells with effect >= 0.5 are
+layer 0 at K and layers 1 (resid_pre, resid_post) at Q. No single head is necessary
+(zero-ablating any one head moves the effect by <= 0.1: the heads of layer 0 are
+redundant), while ablating all of layer 0's heads destroys the copy (the logit
+difference falls to <= 20% of the base run's). Steering along the unembedding
+direction of the source token moves the metric monotonically with the scale.
 
 Run:  python recipes/quickstart.py [--seed 0] [--steps 100] [--pairs 64] [--threads 1]
-Offline, CPU only, about 10-20 seconds on two cores (most of it importing torch and
-transformers, and training the model).
+Offline, CPU only; it prints how long training and the whole run took. The exit
+status is 1 if an expectation fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers
 
-import tracevene as iv
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import tracevene as iv  # noqa: E402
 
 VOCAB = 32  # token 0 is BOS; the sequences use tokens 1..31
 N = 6  # length of the sequence that is repeated
@@ -45,7 +55,7 @@ Q = N + K - 1  # the query position: holds x_{K-1}, the model should predict x_K
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="experiments: interchange of resid_pre at one position from the source,\n"
         "zero-ablation of each attention head, steering by adding a vector to the\n"
@@ -266,7 +276,48 @@ def main(argv: list[str] | None = None) -> int:
     )
     print_sweep(sweep, pair_base, pair_source, (clean.value.item(), corrupt.value.item()))
     print(f"\nDone in {time.perf_counter() - start:.1f} s.")
-    return 0
+    passed = common.verdict(expectations(accuracy, rows, sweep, clean.value.item(),
+                                         corrupt.value.item()))  # fmt: skip
+    return 0 if passed else 1
+
+
+def expectations(
+    accuracy: float, rows: list[tuple], sweep: list[tuple], pair_base: float, pair_source: float
+) -> list[common.Check]:
+    """The checks of the help text's "What to expect"."""
+    base, source = rows[0][1], rows[1][1]
+    effect = {name: (value - base) / (source - base) for name, value in rows}
+    heads = [v for name, v in effect.items() if name.startswith("zero-ablate layer[")]
+    ablate_all = next(v for name, v in rows if name.startswith("zero-ablate all"))
+    steering = [v for name, v in effect.items() if name.startswith("steer")]
+    strong = sorted(
+        f"{name}@{p}" for name, values in sweep for p, v in enumerate(values)
+        if (v - pair_base) / (pair_source - pair_base) >= 0.5
+    )  # fmt: skip
+    want = sorted([f"layer[0].resid_pre@{K}", f"layer[1].resid_pre@{Q}",
+                   f"layer[1].resid_post@{Q}"])  # fmt: skip
+    check = common.check
+    return [
+        check("accuracy on the repeated half >= 0.95", accuracy, accuracy >= 0.95),
+        check(f"interchange layer[0].resid_pre at {K}: effect >= 0.95",
+              effect[f"interchange layer[0].resid_pre[:, {K}]"],
+              effect[f"interchange layer[0].resid_pre[:, {K}]"] >= 0.95),
+        check(f"interchange layer[1].resid_pre at {Q}: effect >= 0.95",
+              effect[f"interchange layer[1].resid_pre[:, {Q}]"],
+              effect[f"interchange layer[1].resid_pre[:, {Q}]"] >= 0.95),
+        check(f"interchange layer[1].resid_pre at {K}: |effect| <= 0.05",
+              effect[f"interchange layer[1].resid_pre[:, {K}]"],
+              abs(effect[f"interchange layer[1].resid_pre[:, {K}]"]) <= 0.05),
+        check("sweep: effect >= 0.5 only at layer 0 at K and layer 1 at Q", ", ".join(strong),
+              strong == want),
+        check("any one head zero-ablated: |effect| <= 0.1 (max)", max(map(abs, heads)),
+              max(map(abs, heads)) <= 0.1),
+        check("all layer-0 heads ablated: logit diff <= 20% of the base run's",
+              ablate_all / base, abs(ablate_all) <= 0.2 * abs(base)),
+        check("steering: effect grows with the scale (5, 10, 20)",
+              ", ".join(f"{v:.2f}" for v in steering),
+              all(a < b for a, b in zip(steering, steering[1:], strict=False))),
+    ]  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -175,8 +175,10 @@ def test_joint_head_sweep_is_the_same_on_nnsight(setup, scale):
     )
 
 
-def test_smoke_run_on_the_bundled_model(tmp_path):
+def test_smoke_run_on_the_bundled_model(tmp_path, capsys):
     summary = recipe["main"](["--smoke", "--out", str(tmp_path)])
+    out = capsys.readouterr().out  # every expectation of --help holds on the smoke run
+    assert summary["passed"] and "verdict: PASS (9 of 9 expectations hold)" in out, out
     hf = transformers.AutoModelForCausalLM.from_pretrained(ROOT / "models/ioi").eval()
     ds = recipe["dataset"](ioi.tokenizer(), summary["n"], 0, 0)
     with torch.no_grad():

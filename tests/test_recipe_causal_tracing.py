@@ -177,8 +177,10 @@ def test_same_numbers_on_nnsight(setup):
     assert torch.allclose(nnsight_result.values, torch_result.values, atol=1e-6)
 
 
-def test_smoke_run_on_the_bundled_model(tmp_path):
+def test_smoke_run_on_the_bundled_model(tmp_path, capsys):
     summary = recipe["main"](["--smoke", "--out", str(tmp_path)])
+    out = capsys.readouterr().out  # every expectation of --help holds on the smoke run
+    assert summary["passed"] and "verdict: PASS (9 of 9 expectations hold)" in out, out
     hf = transformers.AutoModelForCausalLM.from_pretrained(ROOT / "models/ioi").eval()
     ds = ioi.make_dataset(ioi.tokenizer(), n=summary["n"], seed=0, templates=[ioi.TEMPLATES[0]])
     assert summary["p_clean"] == pytest.approx(_p_io(hf, ds), abs=1e-5)

@@ -106,8 +106,10 @@ def manual_iia(mlp, layer: int, batches, rotation: torch.Tensor | None) -> float
     return correct / sum(len(b["labels"]) for b in batches)
 
 
-def test_smoke_run_and_plot(tmp_path):
+def test_smoke_run_and_plot(tmp_path, capsys):
     summary = RECIPE["main"](["--smoke", "--out", str(tmp_path)])
+    out = capsys.readouterr().out  # every expectation of --help holds on the smoke run
+    assert summary["passed"] and "verdict: PASS (8 of 8 expectations hold)" in out, out
     plot = Path(summary["plot"])
     assert plot.parent == tmp_path and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["accuracy"] >= 0.99  # the bundled model
@@ -161,6 +163,7 @@ def test_acceptance(seed, tmp_path):
     argv = ["--retrain", "--seed", str(seed), "--layers", "1", "--methods", *methods]
     summary = RECIPE["main"]([*argv, "--batches", "100", "--epochs", "1", "--out", str(tmp_path)])
     iia = {m: summary["iia"][m][1] for m in methods}
+    assert summary["passed"]  # the recipe's own verdict: the same thresholds
     assert summary["accuracy"] >= 0.99
     assert iia["das"] >= 0.93, iia
     assert iia["neurons"] <= 0.75, iia

@@ -42,6 +42,7 @@ def _reference(path: Path | str, n: int, seed: int) -> tuple[ioi.Dataset, torch.
 @pytest.mark.parametrize("backend", ["torch", "nnsight", "transformer_lens"])
 def test_smoke_run_matches_the_plain_model(backend, tmp_path):
     summary = RECIPE["main"](["--smoke", "--backend", backend, "--out", str(tmp_path)])
+    assert summary["passed"]  # every expectation of --help holds on the smoke run
     ds, logits = _reference(MODELS / "ioi", 32, 0)
     assert summary["logit_diff"] == pytest.approx(ioi.logit_diff(logits, ds).mean().item(), 1e-4)
     assert summary["accuracy"] == pytest.approx(ioi.accuracy(logits, ds))
@@ -53,6 +54,7 @@ def test_hand_built_model_gives_exactly_the_planted_heads(tmp_path):
     planted = json.loads((MODELS / "ioi_circuit/circuit.json").read_text())
     planted = planted["heads"] if isinstance(planted, dict) else planted
     summary = RECIPE["main"](["--model", "ioi_circuit", "--smoke", "--out", str(tmp_path)])
+    assert summary["passed"]  # the verdict checks the planted heads too
     assert sorted(summary["circuit"]) == sorted((h["layer"], h["head"], h["role"]) for h in planted)
 
 

@@ -221,6 +221,7 @@ def test_recipe_smoke(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         sys.path.remove(str(ROOT / "recipes"))
     out = capsys.readouterr().out
     assert "q+k+v" in out and "two-pass vs single-pass" in out
+    assert summary["passed"] and "verdict: PASS (7 of 7 expectations hold)" in out, out
     assert Path(summary["plot"]).is_file() and Path(summary["plot"]).stat().st_size > 1000
     assert summary["sender"][0] == 0 and summary["receiver"][0] == 1
     assert summary["two_vs_single_pass"] < 1e-5

@@ -77,7 +77,7 @@ class PatchResult:
             if constant:
                 ax.text(
                     (values.shape[1] - 1) / 2, (values.shape[0] - 1) / 2,
-                    f"constant: every cell is {low:.4g}", ha="center", va="center",
+                    f"constant: every cell is {low:.4g} (within 1e-6)", ha="center", va="center",
                     bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "grey"},
                 )  # fmt: skip
             ax.set_yticks(range(values.shape[0]))
