@@ -11,6 +11,7 @@ import torch
 import transformers
 
 import tracevene as iv
+from tests import numerics
 from tracevene.tasks import ioi
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +47,19 @@ def _p_io(hf, ds, hooks=()) -> float:
             h.remove()
     rows = torch.arange(len(ds))
     return logits[rows, ds.pos["END"]].softmax(-1)[rows, ds.io].mean().item()
+
+
+@pytest.fixture(scope="module")
+def scale(setup):
+    """p(IO) = softmax of the logits: its rounding is that of the logits (clean or noised)
+    at their magnitude, so comparisons of probabilities are judged at that scale."""
+    hf, _, ds, subject, noise, _ = setup
+    handle = hf.transformer.h[0].register_forward_pre_hook(_add_noise(subject, noise))
+    with torch.no_grad():
+        noised = hf(ds.clean).logits
+    handle.remove()
+    with torch.no_grad():
+        return numerics.magnitude(noised, hf(ds.clean).logits)
 
 
 def _add_noise(subject, noise):
@@ -105,23 +119,25 @@ def test_noise_is_three_times_the_embeddings_std_and_seeded(setup):
     assert torch.equal(again, noise) and not torch.allclose(other, noise)
 
 
-def test_no_restoration_is_the_noised_run_and_the_same_in_every_experiment(setup):
+def test_no_restoration_is_the_noised_run_and_the_same_in_every_experiment(setup, scale):
     hf, _, ds, subject, noise, _ = setup
     expected = _p_io(hf, ds, [(hf.transformer.h[0], _add_noise(subject, noise))])
     got = _restore_all(setup, [[]] * 3, per_pass=3)  # three experiments in one pass
-    assert torch.allclose(got, torch.full((3,), expected), atol=1e-6)
+    numerics.assert_close(
+        got, torch.full((3,), expected), what="p(IO), no restoration", scale=scale
+    )
     assert abs(expected - _p_io(hf, ds)) > 1e-4  # the noise did change the answer
 
 
 @pytest.mark.parametrize("what", ["every position", "the subject positions"])
-def test_restoring_the_embedding_gives_back_the_clean_run(setup, what):
+def test_restoring_the_embedding_gives_back_the_clean_run(setup, scale, what):
     hf, _, ds, subject, _, _ = setup
     positions = range(ds.clean.shape[1]) if what == "every position" else subject[0].tolist()
     got = _restore_all(setup, [[("resid_pre", 0, p) for p in positions]])
-    assert got.item() == pytest.approx(_p_io(hf, ds), abs=1e-6)
+    numerics.assert_close(got.item(), _p_io(hf, ds), what=f"p(IO), {what} restored", scale=scale)
 
 
-def test_residual_cell_equals_a_hooked_restoration(setup):
+def test_residual_cell_equals_a_hooked_restoration(setup, scale):
     hf, model, ds, subject, noise, metric = setup
     result = recipe["causal_trace"](model, ds.clean, subject, noise, metric, "resid_pre")
     corrupted = _restore_all(setup, [[]]).item()
@@ -132,11 +148,13 @@ def test_residual_cell_equals_a_hooked_restoration(setup):
     hooks = [(hf.transformer.h[0], _add_noise(subject, noise)),
              (hf.transformer.h[layer], _restore(value, [pos]))]  # fmt: skip
     expected = _p_io(hf, ds, hooks)
-    assert result.values[layer, pos].item() == pytest.approx(expected, abs=1e-6)
+    numerics.assert_close(
+        result.values[layer, pos], expected, what="resid_pre cell vs hooks", scale=scale
+    )
     assert abs(expected - corrupted) > 1e-5
 
 
-def test_mlp_window_cell_equals_hooked_restorations(setup):
+def test_mlp_window_cell_equals_hooked_restorations(setup, scale):
     """A window of 2 layers around layer 1 restores the MLP outputs of layers 0 and 1."""
     hf, model, ds, subject, noise, metric = setup
     result = recipe["causal_trace"](model, ds.clean, subject, noise, metric, "mlp.out", size=2)
@@ -166,15 +184,17 @@ def test_mlp_window_cell_equals_hooked_restorations(setup):
     finally:
         for h in handles:
             h.remove()
-    assert result.values[1, pos].item() == pytest.approx(expected, abs=1e-6)
+    numerics.assert_close(result.values[1, pos], expected, what="mlp window vs hooks", scale=scale)
 
 
-def test_same_numbers_on_nnsight(setup):
+def test_same_numbers_on_nnsight(setup, scale):
     _, model, ds, subject, noise, metric = setup
     torch_result = recipe["causal_trace"](model, ds.clean, subject, noise, metric, "attn.out")
     other = model.to_backend("nnsight")
     nnsight_result = recipe["causal_trace"](other, ds.clean, subject, noise, metric, "attn.out")
-    assert torch.allclose(nnsight_result.values, torch_result.values, atol=1e-6)
+    numerics.assert_close(
+        nnsight_result.values, torch_result.values, what="nnsight vs torch trace", scale=scale
+    )
 
 
 def test_smoke_run_on_the_bundled_model(tmp_path, capsys):
