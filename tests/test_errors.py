@@ -8,6 +8,7 @@ so ``except ValueError`` keeps working. The source scan below keeps it that way.
 from __future__ import annotations
 
 import ast
+import builtins
 import inspect
 import re
 import runpy
@@ -28,29 +29,74 @@ PACKAGE = ROOT / "tracevene"
 RECIPES = ROOT / "recipes"
 sys.path.insert(0, str(RECIPES))
 
-#: Builtin errors the package must not raise bare: raise an iv.TraceveneError subclass.
-BUILTINS = ("ValueError", "TypeError", "KeyError", "RuntimeError")
+#: Every builtin exception class: the package raises none of them bare (only the protocol
+#: cases of ``allowed`` below); it raises an iv.TraceveneError subclass instead.
+BUILTINS = frozenset(
+    name
+    for name, obj in vars(builtins).items()
+    if isinstance(obj, type) and issubclass(obj, BaseException)
+)
+
+
+def allowed(name: str, function: ast.FunctionDef | ast.AsyncFunctionDef | None) -> bool:
+    """Whether raising the builtin ``name`` inside ``function`` is a protocol, not an error.
+
+    - ``StopIteration``, ``StopAsyncIteration``: the end of an iteration.
+    - ``AttributeError`` directly in ``__getattr__``/``__getattribute__``: "no such
+      attribute", which ``hasattr``, ``copy`` and ``pickle`` rely on.
+    - ``NotImplementedError`` in an abstract method: a body of only a docstring and the
+      ``raise``.
+    """
+    if name in ("StopIteration", "StopAsyncIteration"):
+        return True
+    if function is None:
+        return False
+    if name == "AttributeError":
+        return function.name in ("__getattr__", "__getattribute__")
+    if name == "NotImplementedError":
+        body = function.body
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            body = body[1:]  # the docstring
+        return len(body) == 1 and isinstance(body[0], ast.Raise)
+    return False
 
 
 # -- the source scan ----------------------------------------------------------------------
 def builtin_raises(source: str) -> list[tuple[int, str]]:
-    """``(line, name)`` of every ``raise`` of a builtin error of ``BUILTINS`` in ``source``.
+    """``(line, name)`` of every ``raise`` of a builtin exception in ``source``.
 
     Catches ``raise ValueError(...)``, ``raise ValueError`` and
-    ``raise builtins.ValueError(...)``; a bare ``raise`` (re-raise) is fine.
+    ``raise builtins.ValueError(...)``, of every class in ``BUILTINS``; a bare ``raise``
+    and ``raise err`` (re-raises) are fine, and so are the protocol cases of ``allowed``.
     """
     found = []
-    for node in ast.walk(ast.parse(source)):
-        if not isinstance(node, ast.Raise) or node.exc is None:
-            continue
-        exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
-        if isinstance(exc, ast.Attribute) and isinstance(exc.value, ast.Name):
-            name = exc.attr if exc.value.id == "builtins" else None
-        else:
-            name = exc.id if isinstance(exc, ast.Name) else None
-        if name in BUILTINS:
-            found.append((node.lineno, name))
+
+    def visit(node: ast.AST, function: ast.FunctionDef | ast.AsyncFunctionDef | None) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                visit(child, child)
+                continue
+            if isinstance(child, ast.Raise) and child.exc is not None:
+                exc = child.exc.func if isinstance(child.exc, ast.Call) else child.exc
+                if isinstance(exc, ast.Attribute) and isinstance(exc.value, ast.Name):
+                    name = exc.attr if exc.value.id == "builtins" else None
+                else:
+                    name = exc.id if isinstance(exc, ast.Name) else None
+                if name in BUILTINS and not allowed(name, function):
+                    found.append((child.lineno, name))
+            visit(child, None if isinstance(child, ast.ClassDef) else function)
+
+    visit(ast.parse(source), None)
     return sorted(found)
+
+
+def test_the_scan_covers_every_builtin_exception():
+    for name in ["ValueError", "TypeError", "KeyError", "RuntimeError", "FileExistsError",
+                 "FileNotFoundError", "OSError", "ImportError", "AttributeError",
+                 "IndexError", "NotImplementedError", "Exception", "BaseException",
+                 "SystemExit", "AssertionError", "UserWarning", "ExceptionGroup"]:  # fmt: skip
+        assert name in BUILTINS, name
+    assert "TraceveneError" not in BUILTINS and "print" not in BUILTINS
 
 
 def test_the_scan_catches_planted_builtin_raises():
@@ -77,7 +123,51 @@ def h():
 """
     assert builtin_raises(source) == [(7, "ValueError"), (13, "TypeError"),
                                       (17, "RuntimeError"), (20, "KeyError")]  # fmt: skip
-    assert builtin_raises("raise iv.ArgumentError('x')\nraise AttributeError(name)\n") == []
+    assert builtin_raises("raise iv.ArgumentError('x')\nraise err\n") == []
+
+
+def test_the_scan_catches_every_builtin_but_the_protocol_cases():
+    source = """
+def save(path):
+    raise FileExistsError(f"{path} exists")
+
+def load(path):
+    try:
+        open(path)
+    except OSError as err:
+        raise FileNotFoundError(path) from err
+    raise ImportError("pip install it")
+
+class Region:
+    def _fresh(self):
+        \"\"\"Abstract.\"\"\"
+        raise NotImplementedError
+
+    def todo(self):
+        x = 1
+        raise NotImplementedError("not yet")
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise IndexError(name)
+
+    def other(self):
+        raise AttributeError("planted")
+
+    def __next__(self):
+        raise StopIteration
+
+    raise Exception("planted in a class body")
+
+def main():
+    raise SystemExit(2)
+"""
+    assert builtin_raises(source) == [
+        (3, "FileExistsError"), (9, "FileNotFoundError"), (10, "ImportError"),
+        (19, "NotImplementedError"), (24, "IndexError"), (27, "AttributeError"),
+        (32, "Exception"), (35, "SystemExit"),
+    ]  # fmt: skip
 
 
 def test_the_package_raises_no_bare_builtin_errors():
@@ -88,8 +178,9 @@ def test_the_package_raises_no_bare_builtin_errors():
     ]
     assert not offenders, (
         "raise an iv.TraceveneError subclass instead (ArgumentError for a ValueError, "
-        "ArgumentTypeError for a TypeError, MissingKeyError for a KeyError):\n"
-        + "\n".join(offenders)
+        "ArgumentTypeError for a TypeError, MissingKeyError for a KeyError, MissingFileError "
+        "for a FileNotFoundError, PathExistsError for a FileExistsError, "
+        "MissingDependencyError for an ImportError):\n" + "\n".join(offenders)
     )
 
 
@@ -103,6 +194,9 @@ def test_the_package_raises_no_bare_builtin_errors():
         (iv.ShapeError, ValueError),
         (iv.ProgramFormatError, ValueError),
         (iv.SiteError, KeyError),
+        (iv.MissingFileError, FileNotFoundError),
+        (iv.PathExistsError, FileExistsError),
+        (iv.MissingDependencyError, ImportError),
     ],
 )
 def test_errors_are_tracevene_errors_and_builtins(cls, builtin):
@@ -133,10 +227,78 @@ def test_a_damaged_saved_dtype_is_a_program_format_error():
         _decode({"what": 1})
 
 
+def test_the_file_and_import_errors_keep_their_message_and_builtin_base():
+    for cls in (iv.MissingFileError, iv.PathExistsError):
+        error = cls("what is wrong: how to fix it")
+        assert str(error) == "what is wrong: how to fix it" and error.errno is None
+    assert str(iv.MissingDependencyError("pip install x")) == "pip install x"
+
+
 # -- messages of the with-block -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model():
     return iv.wrap(models.gpt2(), backend="torch")
+
+
+def _program(model):
+    with iv.trace(model) as t:
+        t.layer[0].resid_post.save("h")
+    return t.program
+
+
+def test_saving_over_something_else_is_a_path_exists_error(model, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(
+        iv.PathExistsError,
+        match=rf"^{re.escape(str(tmp_path))} exists and is not a saved program; program\.save\(\) "
+        r"replaces the whole directory, so it refuses to\. Save to a new directory, or remove "
+        r"it first\.$",
+    ):
+        _program(model).save(tmp_path)
+    try:
+        _program(model).save(tmp_path / "notes.txt")
+    except FileExistsError as e:  # except clauses written for the builtin keep working
+        assert "notes.txt exists and is not a saved program" in str(e)
+    else:
+        raise AssertionError("saving over a file did not raise")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_the_hub_without_huggingface_hub_is_a_missing_dependency_error(model, monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import raises ImportError
+    with pytest.raises(
+        iv.MissingDependencyError,
+        match=r"^Program\.push_to_hub needs the huggingface_hub package, which is not "
+        r"installed: pip install huggingface_hub \(or pip install 'tracevene\[hf\]'\)\. "
+        r"Without it, program\.save\(directory\) writes the same files for any upload\.$",
+    ) as info:
+        _program(model).push_to_hub("alice/p")
+    assert isinstance(info.value, ImportError) and info.value.__suppress_context__
+
+
+def test_a_directory_without_a_saved_mlp_is_a_missing_file_error(tmp_path):
+    from tracevene.tasks.hierarchical_equality import EqualityMLP
+
+    with pytest.raises(
+        iv.MissingFileError,
+        match=rf"^{re.escape(str(tmp_path))} is not a saved EqualityMLP: it needs config\.json "
+        r"and model\.safetensors \(write them with EqualityMLP\.save or "
+        r"models/train_hierarchical_equality\.py\)\.$",
+    ) as info:
+        EqualityMLP.load(tmp_path)
+    assert isinstance(info.value, FileNotFoundError)
+
+
+def test_missing_dunder_attributes_follow_the_attribute_protocol(model):
+    """``__getattr__`` answers dunders with a plain AttributeError (hasattr, copy, pickle)."""
+    with iv.trace(model) as t:
+        scope, value = t.layer[0], t.layer[0].resid_post
+        assert not hasattr(scope, "__deepcopy__") and not hasattr(value, "__deepcopy__")
+        with pytest.raises(AttributeError, match=r"^'_Scope' object has no attribute '__x__'$"):
+            scope.__x__
+        with pytest.raises(AttributeError, match=r"object has no attribute '__x__'$") as info:
+            value.__x__
+        assert info.value.name == "__x__"
 
 
 def test_value_of_an_unsaved_traced_value_says_to_save(model):
@@ -267,6 +429,16 @@ def test_recipe_with_a_missing_backend_exits_2_naming_the_extra(
         rf"pip install 'tracevene\[{extra}\]'$",
         err.strip(),
     ), err
+
+
+def test_causal_tracing_subject_positions_names_the_subjects():
+    recipe = runpy.run_path(str(RECIPES / "causal_tracing.py"), run_name="recipe")
+    with pytest.raises(
+        iv.ArgumentError,
+        match=r"^subject='obj' is not a subject: choose one of 'io', 'names', 's' "
+        r"\(the --subject choices\)\.$",
+    ):
+        recipe["subject_positions"](None, "obj")
 
 
 def test_recipe_script_with_a_missing_backend_prints_one_line(tmp_path):

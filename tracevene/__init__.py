@@ -18,10 +18,19 @@ from .errors import (
     ExecutionError as ExecutionError,
 )
 from .errors import (
+    MissingDependencyError as MissingDependencyError,
+)
+from .errors import (
+    MissingFileError as MissingFileError,
+)
+from .errors import (
     MissingKeyError as MissingKeyError,
 )
 from .errors import (
     NotRunError as NotRunError,
+)
+from .errors import (
+    PathExistsError as PathExistsError,
 )
 from .errors import (
     ProgramFormatError as ProgramFormatError,

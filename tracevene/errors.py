@@ -13,6 +13,9 @@ __all__ = [
     "ArgumentError",
     "ArgumentTypeError",
     "MissingKeyError",
+    "MissingFileError",
+    "PathExistsError",
+    "MissingDependencyError",
     "TraceError",
     "SiteError",
     "ShapeError",
@@ -42,6 +45,26 @@ class MissingKeyError(TraceveneError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class MissingFileError(TraceveneError, FileNotFoundError):
+    """A file tracevene needs to read is not there (also a ``FileNotFoundError``)."""
+
+
+class PathExistsError(TraceveneError, FileExistsError):
+    """A path that would be overwritten holds something tracevene did not write.
+
+    Also a ``FileExistsError``: ``program.save(directory)`` refuses to replace a
+    directory (or file) that is not an earlier saved program.
+    """
+
+
+class MissingDependencyError(TraceveneError, ImportError):
+    """An optional package a feature needs is not installed (also an ``ImportError``).
+
+    The message names the package and the ``pip install`` line. A backend whose package
+    is missing raises ``BackendError`` instead.
+    """
 
 
 class TraceError(TraceveneError):

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ArgumentError, ProgramFormatError, SiteError
+from ..errors import ArgumentError, MissingDependencyError, ProgramFormatError, SiteError
 from ..sites.vocab import display, parse
 from .nodes import OPS, Node, Ref, check_method, resolve_function
 
@@ -208,7 +208,8 @@ class Program:
 
         Raises:
             RegistryError: The program calls a module whose class is not registered.
-            FileExistsError: ``directory`` exists and holds something else.
+            PathExistsError: ``directory`` exists and holds something else (also a
+                ``FileExistsError``).
         """
         from .serialize import save_program
 
@@ -238,7 +239,8 @@ class Program:
             The URL of the upload commit (or of the repository).
 
         Raises:
-            ImportError: ``huggingface_hub`` is not installed.
+            MissingDependencyError: ``huggingface_hub`` is not installed (also an
+                ``ImportError``).
             RegistryError: The program calls a module whose class is not registered.
         """
         import tempfile
@@ -286,7 +288,8 @@ class Program:
 
         Raises:
             ProgramFormatError: The directory is not a saved program, or is damaged.
-            ImportError: A hub id was given but ``huggingface_hub`` is not installed.
+            MissingDependencyError: A hub id was given but ``huggingface_hub`` is not
+                installed (also an ``ImportError``).
             OSError: The hub repository could not be fetched (not found, offline and
                 not in the cache); huggingface_hub's own error, with a note.
         """
@@ -333,11 +336,15 @@ def _huggingface_hub(
     what: str = "Program.push_to_hub",
     instead: str = "program.save(directory) writes the same files for any upload",
 ) -> Any:
-    """The ``huggingface_hub`` package, or an ImportError that says how to install it."""
+    """The ``huggingface_hub`` package.
+
+    Raises:
+        MissingDependencyError: It is not installed (the message says how to install it).
+    """
     try:
         import huggingface_hub
     except ImportError:
-        raise ImportError(
+        raise MissingDependencyError(
             f"{what} needs the huggingface_hub package, which is not "
             "installed: pip install huggingface_hub (or pip install 'tracevene[hf]'). "
             f"Without it, {instead}."

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import ProgramFormatError
+from ..errors import PathExistsError, ProgramFormatError
 from ..interventions import registry
 from ..sites.vocab import display
 from .nodes import Node, Ref
@@ -187,7 +187,7 @@ def _check_replaceable(target: Path) -> None:
     names = set(os.listdir(target)) if target.is_dir() and not target.is_symlink() else None
     ours = names is not None and names <= {GRAPH_FILE, TENSOR_FILE, CARD_FILE}
     if not ours or (CARD_FILE in names and not _is_card(target / CARD_FILE)):
-        raise FileExistsError(
+        raise PathExistsError(
             f"{target} exists and is not a saved program; program.save() replaces the whole "
             "directory, so it refuses to. Save to a new directory, or remove it first."
         )

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ArgumentError
+from ..errors import ArgumentError, MissingFileError
 
 VARIABLES = ("WX", "YZ")
 KINDS = ("WX", "YZ", "both")  # which variables an example intervenes on
@@ -204,13 +204,19 @@ class EqualityMLP(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path) -> EqualityMLP:
-        """The model saved in ``directory`` by ``save``, in eval mode."""
+        """The model saved in ``directory`` by ``save``, in eval mode.
+
+        Raises:
+            MissingFileError: ``directory`` lacks ``config.json`` or ``model.safetensors``
+                (also a ``FileNotFoundError``).
+            ArgumentError: ``config.json`` is not an EqualityMLP's.
+        """
         from safetensors.torch import load_file
 
         directory = Path(directory)
         config_file, weights = directory / "config.json", directory / "model.safetensors"
         if not config_file.is_file() or not weights.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{directory} is not a saved EqualityMLP: it needs config.json and "
                 "model.safetensors (write them with EqualityMLP.save or "
                 "models/train_hierarchical_equality.py)."

@@ -274,8 +274,10 @@ class _Scope:
         return f"{self._prefix}{self._head % n}.{attr}"
 
     def __getattr__(self, attr: str) -> Any:
-        if attr.startswith("__"):
-            raise AttributeError(attr)
+        if attr.startswith("__"):  # the attribute protocol (hasattr, copy, pickle)
+            raise AttributeError(
+                f"{type(self).__name__!r} object has no attribute {attr!r}", name=attr
+            )
         name = self._name(attr)
         if attr in ("attn", "mlp"):
             return _Scope(self._tracer, self._run, name + ".", attr, f"{self._where}.{attr}")

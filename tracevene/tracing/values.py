@@ -71,7 +71,10 @@ class Value:
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name in ("_tracer", "_node"):
-            raise AttributeError(name)
+            # the attribute protocol (hasattr, copy, pickle): stays a plain AttributeError
+            raise AttributeError(
+                f"{type(self).__name__!r} object has no attribute {name!r}", name=name
+            )
         if name == "shape":
             return self._tracer.value("call_method", "size", (self,))
         if name == "ndim":
