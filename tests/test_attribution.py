@@ -228,9 +228,11 @@ def test_errors_are_named():
         attribution_patching(model, clean, corrupted, _metric, sites="pattern")
     with pytest.raises(ValueError, match="sites is empty: give at least one of resid_pre"):
         attribution_patching(model, clean, corrupted, _metric, sites=())
-    with pytest.raises(ValueError, match=r"same shape, got \(2, 6\) and \(2, 5\)"):
+    with pytest.raises(ValueError, match=r"same shape, got clean \(2, 5\) and corrupted \(2, 6\)"):
         attribution_patching(model, clean[:, :5], corrupted, _metric)
     with pytest.raises(TypeError, match="takes token ids"):
+        attribution_patching(model, clean.float()[0], corrupted.float()[0], _metric)
+    with pytest.raises(ValueError, match="text clean inputs need a tokenizer"):
         attribution_patching(model, "some text", "other text", _metric)
     with pytest.raises(ValueError, match=r"must return a scalar tensor, got \(2,\)"):
         attribution_patching(model, clean, corrupted, lambda logits: logits[:, -1, 5])

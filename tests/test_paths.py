@@ -280,7 +280,7 @@ def test_errors(kwargs, error, match):
 
 def test_orig_and_new_must_match():
     orig, new = _pair()
-    with pytest.raises(ValueError, match=r"same shape; got \(2, 6\) and \(2, 5\)"):
+    with pytest.raises(ValueError, match=r"same shape, got orig \(2, 6\) and new \(2, 5\)"):
         path_patching(_gpt2(), orig, new[:, :5], _metric, progress=False)
 
 

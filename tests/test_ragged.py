@@ -22,6 +22,8 @@ from tokenizers import pre_tokenizers
 import models
 import tracevene as iv
 from tracevene.errors import ArgumentError, ArgumentTypeError, ExecutionError
+from tracevene.patching import activation
+from tracevene.training import default_metric
 
 BACKENDS = ["torch", "nnsight", "transformer_lens"]
 ARCHS = ["gpt2", "llama"]
@@ -192,6 +194,70 @@ def _args(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "base"}
 
 
+def shift_program(model: iv.Model) -> iv.Program:
+    """A trainable shift of the residual stream at each prompt's last real token."""
+    shift = torch.nn.Linear(1, 32, bias=False)
+    with iv.trace(model) as t:
+        rows, last = t.arg("rows"), t.arg("last")
+        t.layer[1].resid_post[rows, last] += shift(t.arg("one"))
+    return t.program
+
+
+def labelled(prompts, side: str) -> dict:
+    last = iv.last_token_positions(encoded(side, prompts))
+    return {"base": prompts, "rows": torch.arange(len(prompts)), "last": last,
+            "one": torch.ones(1), "labels": torch.tensor([7, 9, 11])[: len(prompts)]}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_loss_and_metric_left_padded_match_each_prompt_alone(backend):
+    """Left padding: position -1 is every prompt's last token, so the defaults hold."""
+    model = wrapped("gpt2", backend, "left")
+    program = shift_program(model)
+    ragged = labelled(PROMPTS, "left")
+    singles = [{**labelled([p], "left"), "labels": ragged["labels"][i : i + 1]}
+               for i, p in enumerate(PROMPTS)]  # fmt: skip
+    got = iv.evaluate(program, model, [ragged], progress=False)
+    want = iv.evaluate(program, model, singles, progress=False)
+    assert got == want  # accuracies: a share of 3 examples
+    history = iv.train(program, model, [ragged], optimizer="sgd", lr=0.0, progress=False)
+    alone = iv.train(program, model, singles, optimizer="sgd", lr=0.0, progress=False)
+    numerics.assert_close(history.loss[0], sum(alone.loss) / len(alone.loss),
+                          what="default loss: left-padded batch vs prompts alone")  # fmt: skip
+
+
+RIGHT_PADDED_LAST = (
+    r"the default loss and metric read the logits at the last position, but the batch's "
+    r"base is right-padded: row\(s\) \[1, 2\] end in padding .* Pad on the left "
+    r"\(tokenizer.padding_side = 'left'\), or pass loss_fn / metric_fn that read each "
+    r"prompt's last token, e.g. iv.metrics.cross_entropy\(result, batch\['labels'\], "
+    r"position=batch\['last'\]\)"
+)
+
+
+@pytest.mark.parametrize("base", ["text", "dict"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_loss_and_metric_refuse_right_padding(backend, base):
+    """Right padding: position -1 is padding for the shorter prompts, so it is an error."""
+    model = wrapped("gpt2", backend, "right")
+    program = shift_program(model)
+    batch = labelled(PROMPTS, "right")
+    if base == "dict":
+        batch["base"] = encoded("right")
+    runs = {
+        "train": lambda: iv.train(program, model, [batch], progress=False),
+        "evaluate": lambda: iv.evaluate(program, model, [batch], progress=False),
+        "train with the default metric": lambda: iv.train(
+            program, model, [batch], loss_fn=lambda r, b: r.output.logits.sum(),
+            metric_fn=default_metric, progress=False),
+    }  # fmt: skip
+    for run in runs.values():
+        with pytest.raises(ArgumentError, match=RIGHT_PADDED_LAST):
+            run()
+    full = {**batch, "base": [PROMPTS[0], SOURCES[0], PROMPTS[0]]}  # nothing padded
+    iv.evaluate(program, model, [full], progress=False)
+
+
 # -- activation patching ----------------------------------------------------------------------
 @pytest.mark.parametrize("side", SIDES)
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -222,6 +288,103 @@ def test_activation_patching_matches_each_prompt_alone(arch, backend, side):
             unpatched = metric(logits.value).expand(got.shape[0], len(padding))
             numerics.assert_close(got[:, padding], unpatched, scale=scale,
                                   what=f"{arch} patching padding of prompt {i}")  # fmt: skip
+
+
+def last_metric(row: int, pos: int):
+    """A logit difference at one prompt's last real token (``pos``) of its row."""
+    return lambda logits: logits[row, pos, 7] - logits[row, pos, 8]
+
+
+def patch_sweeps(model: iv.Model, clean, corrupted, metric) -> dict[str, torch.Tensor]:
+    """Every patching function on text: name -> values with a position axis or none."""
+    patching = iv.patching
+    out = {"activation": patching.activation_patching(model, clean, corrupted, metric,
+                                                      progress=False).values,
+           "activation z": patching.activation_patching(model, clean, corrupted, metric,
+                                                        site="z", heads=True,
+                                                        progress=False).values}  # fmt: skip
+    estimates = patching.attribution_patching(model, clean, corrupted, metric,
+                                              sites=("resid_pre", "z"))  # fmt: skip
+    out |= {f"attribution {k}": v.values for k, v in estimates.items()}
+    for form in ("two_pass", "single_pass"):
+        out[f"path {form}"] = patching.path_patching(model, corrupted, clean, metric,
+                                                     form=form, progress=False).values  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_patching_text_matches_each_prompt_alone(arch, backend, side):
+    """list[str] in all three functions; at each prompt's real tokens, the prompt alone (str)."""
+    model = wrapped(arch, backend, side)
+    last = iv.last_token_positions(encoded(side))
+    with iv.trace(model, SOURCES) as t:
+        logits = t.logits.save()
+    scale = numerics.magnitude(logits.value)  # differences of logits
+    for i in (0, 1):  # the longest prompt and the shortest
+        got = patch_sweeps(model, PROMPTS, SOURCES, last_metric(i, int(last[i])))
+        want = patch_sweeps(model, PROMPTS[i], SOURCES[i], last_metric(0, -1))
+        for name, value in want.items():
+            what = f"{arch} {side}-padded {name}, prompt {i}"
+            cells = got[name] if name.startswith("path") else got[name][:, real(side, i)]
+            numerics.assert_close(cells, value, what=what, scale=scale)
+            if name.startswith("attribution"):  # padding has no gradient
+                pad = [p for p in range(P) if p not in range(P)[real(side, i)]]
+                numerics.assert_close(got[name][:, pad], 0 * got[name][:, pad], what=what,
+                                      scale=numerics.magnitude(value))  # fmt: skip
+
+
+def test_patching_text_is_the_tokenised_batch():
+    """Text is tokenised as iv.trace tokenises it: the same numbers as the padded dicts."""
+    model = wrapped("gpt2", "torch", "left")
+    metric = last_metric(1, P - 1)
+    got = patch_sweeps(model, PROMPTS, SOURCES, metric)
+    want = patch_sweeps(model, encoded("left"), encoded("left", SOURCES), metric)
+    for name, value in want.items():
+        numerics.assert_exact(got[name], value, what=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_patching_kv_lever_with_left_padding_matches_whole_passes(arch, backend, monkeypatch):
+    """Passes that start at the patched position (a left-padded KV cache) = whole passes."""
+    model = wrapped(arch, backend, "left")
+    clean, corrupted = encoded("left"), encoded("left", SOURCES)
+    metric = last_metric(1, P - 1)
+    got = iv.patching.activation_patching(model, clean, corrupted, metric, progress=False)
+    monkeypatch.setattr(activation._Prefix, "of", classmethod(lambda cls, model, base: None))
+    whole = iv.patching.activation_patching(model, clean, corrupted, metric, progress=False)
+    with iv.trace(model, corrupted) as t:
+        logits = t.logits.save()
+    numerics.assert_close(got.values, whole.values, what=f"{arch} KV lever vs whole passes",
+                          scale=numerics.magnitude(logits.value))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "clean, corrupted, match",
+    [
+        (PROMPTS, ["w1 w2", "w3", "w4"], r"same shape, got \w+ \(3, 5\) and \w+ \(3, 2\)"),
+        (PROMPTS, [SOURCES[0], SOURCES[2], SOURCES[1]],
+         r"row\(s\) \[1, 2\] of the \w+ and \w+ inputs are padded differently \(their "
+         r"attention masks differ; real tokens 2 vs 4, 4 vs 2\)"),
+        (PROMPTS[1], "w1 w2 w3", r"same shape, got \w+ \(1, 2\) and \w+ \(1, 3\)"),
+    ],
+    ids=["lengths", "rows", "str"],
+)  # fmt: skip
+def test_patching_text_of_other_lengths_raises(clean, corrupted, match):
+    model = wrapped("gpt2", "torch", "right")
+    calls = [
+        lambda: iv.patching.activation_patching(model, clean, corrupted, last_metric(0, 0),
+                                                progress=False),
+        lambda: iv.patching.attribution_patching(model, clean, corrupted, last_metric(0, 0)),
+        lambda: iv.patching.path_patching(model, clean, corrupted, last_metric(0, 0),
+                                          progress=False),
+    ]  # fmt: skip
+    for call in calls:
+        with pytest.raises(ArgumentError, match=match) as info:
+            call()
+        assert "len(model.tokenizer(prompt)['input_ids'])" in str(info.value)
 
 
 # -- generation ---------------------------------------------------------------------------------

@@ -3,6 +3,11 @@
 Each takes logits (a tensor, a model output with ``.logits``, or a
 ``iv.Result``) and returns one value per example, so that
 ``iv.evaluate`` can average them over a dataset.
+
+The default ``position=-1`` is each prompt's last token only without padding or with
+left padding; on a right-padded batch it is padding for the shorter prompts, so pass
+``position=iv.last_token_positions(inputs)`` (``iv.train`` and ``iv.evaluate`` refuse
+a right-padded base with their default loss and metric).
 """
 
 from __future__ import annotations

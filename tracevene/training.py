@@ -5,6 +5,12 @@ A batch is a dict with the base run's inputs under ``"base"``, the sources' unde
 counterfactual labels under ``"labels"``, and a value for each placeholder of the
 program (``t.arg(name)``) under its name. Any iterable of such dicts works, including
 a ``torch.utils.data.DataLoader``.
+
+The default loss and metric read the logits at the last position, which is padding
+for the shorter prompts of a right-padded batch: a batch whose base is right-padded
+(text tokenised on the right, or an ``attention_mask`` ending in 0) is refused with
+them. Pad on the left, or read each prompt's last token in ``loss_fn`` / ``metric_fn``
+(``position=iv.last_token_positions(inputs)``, e.g. through a placeholder).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .backends.cache import SourceCache
+from .backends.inputs import last_token_positions, tokenize
 from .errors import ArgumentError, ArgumentTypeError, MissingKeyError
 from .ir.program import Program
 from .model import Model, as_model
@@ -52,12 +59,18 @@ class History:
 
 
 def default_loss(result: Result, batch: Mapping[str, Any]) -> Tensor:
-    """Cross-entropy of ``batch["labels"]`` at the last position (the DAS loss)."""
+    """Cross-entropy of ``batch["labels"]`` at the last position (the DAS loss).
+
+    ``iv.train`` refuses a right-padded base with it (the last position is padding).
+    """
     return metrics.cross_entropy(result, _labels(batch)).mean()
 
 
 def default_metric(result: Result, batch: Mapping[str, Any]) -> Tensor:
-    """Interchange-intervention accuracy against ``batch["labels"]`` at the last position."""
+    """Interchange-intervention accuracy against ``batch["labels"]`` at the last position.
+
+    ``iv.train`` and ``iv.evaluate`` refuse a right-padded base with it.
+    """
     return metrics.iia(result, _labels(batch))
 
 
@@ -94,7 +107,7 @@ def train(
         model: The model (an ``iv.Model``, or a module, wrapped as by ``iv.wrap``).
         data: Batches (dicts, see the module docstring); iterated once per epoch.
         loss_fn: ``loss_fn(result, batch) -> scalar``; default: cross-entropy of
-            ``batch["labels"]`` at the last position.
+            ``batch["labels"]`` at the last position (left padding only).
         epochs: Passes over ``data``.
         lr: Peak learning rate.
         optimizer: ``"adam"``, ``"adamw"``, ``"sgd"``, or ``f(params, lr=...) -> Optimizer``.
@@ -157,7 +170,8 @@ def train(
     cache = SourceCache() if (epochs > 1 if cache_sources is None else cache_sources) else None
     last_only = loss_fn is None and metric_fn in (None, default_metric)
     forward_kwargs = _forward_kwargs(program, model, forward_kwargs, last_only)
-    run = _runner(program, model, schedule, forward_kwargs, cache)
+    reads_last = loss_fn in (None, default_loss) or metric_fn is default_metric
+    run = _runner(program, model, schedule, forward_kwargs, cache, reads_last)
     modes = _set_train_mode(program, True)
     try:
         for epoch in range(epochs):
@@ -203,18 +217,21 @@ def evaluate(
         data: Batches (dicts, see the module docstring).
         metric_fn: ``metric_fn(result, batch) -> per-example values`` (or one value
             per batch, weighted by the batch size); default: IIA against
-            ``batch["labels"]`` at the last position.
+            ``batch["labels"]`` at the last position (left padding only).
         schedule: How runs are scheduled (see ``iv.Program.run``).
         progress: Show a progress bar with the running mean.
         forward_kwargs: Extra keyword arguments for every forward call (with the
             default metric, ``logits_to_keep=1`` is added as in ``iv.train``).
+
+    Raises:
+        ArgumentError: ``data`` is empty, or the default metric meets a right-padded
+            base (its last position is padding).
     """
     model = as_model(model)
     metric_fn = metric_fn or default_metric
     last_only = metric_fn is default_metric
-    run = _runner(
-        program, model, schedule, _forward_kwargs(program, model, forward_kwargs, last_only)
-    )
+    kwargs = _forward_kwargs(program, model, forward_kwargs, last_only)
+    run = _runner(program, model, schedule, kwargs, reads_last=last_only)
     total, count = 0.0, 0
     modes = _set_train_mode(program, False)
     try:
@@ -314,12 +331,23 @@ def _postfix(history: History, metric_sum: float, metric_n: int) -> dict[str, st
 
 # -- runs ------------------------------------------------------------------------------
 def _runner(  # noqa: ANN202
-    program: Program, model: Model, schedule: str, forward_kwargs: Any, cache: Any = None
+    program: Program,
+    model: Model,
+    schedule: str,
+    forward_kwargs: Any,
+    cache: Any = None,
+    reads_last: bool = False,
 ):
-    """``batch -> Result`` for this program and model."""
+    """``batch -> Result`` for this program and model.
+
+    With ``reads_last`` (the default loss or metric, which read position -1) a
+    right-padded base is refused.
+    """
 
     def run(batch: Mapping[str, Any]) -> Result:
         base, sources, args = _unpack(program, batch)
+        if reads_last:
+            _check_last_position(model, base)
         return program.run(model, base, sources, schedule=schedule, source_cache=cache,
                            forward_kwargs=forward_kwargs, **args)  # fmt: skip
 
@@ -364,6 +392,26 @@ def _unpack(program: Program, batch: Any) -> tuple[Any, list[Any], dict[str, Any
             f"{sorted(batch)}); add them to every batch under those names."
         )
     return batch["base"], sources, {a: batch[a] for a in program.args}
+
+
+def _check_last_position(model: Model, base: Any) -> None:
+    """Refuse a right-padded base: position -1 of its shorter prompts is padding."""
+    inputs = tokenize(model, base) if model.tokenizer is not None else base
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    mask = None if mask is None else torch.as_tensor(mask)
+    if mask is None or mask.dim() != 2:
+        return
+    rows = (last_token_positions(mask) != mask.shape[1] - 1).nonzero().flatten().tolist()
+    if rows:
+        raise ArgumentError(
+            f"the default loss and metric read the logits at the last position, but the "
+            f"batch's base is right-padded: row(s) {rows} end in padding (attention_mask 0 "
+            "at the last position), so position -1 is padding there, not the prompt's last "
+            "token. Pad on the left (tokenizer.padding_side = 'left'), or pass loss_fn / "
+            "metric_fn that read each prompt's last token, e.g. iv.metrics.cross_entropy("
+            "result, batch['labels'], position=batch['last']) with batch['last'] = "
+            "iv.last_token_positions(tokenized base)."
+        )
 
 
 def _describe(batch: Any) -> str:

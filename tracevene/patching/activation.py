@@ -13,6 +13,12 @@ sees every other, or a model without logits) runs every pass over the whole inpu
 
 The metric scores the logits of a language model and the model's output otherwise
 (see ``tracevene/patching/outputs.py``).
+
+Text inputs (``str`` / ``list[str]``) are tokenised as ``iv.trace`` tokenises them
+(padding on the tokenizer's side, with an attention mask); the two runs must tokenise
+to the same padded shape with the same padding (``paired_inputs``). A padded base
+keeps the KV-cache lever: its attention mask covers the cached positions and each
+pass's position ids are derived from it, as in ``iv.trace``.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..backends.inputs import tokenize
 from ..errors import ArgumentError, ArgumentTypeError, SiteError
 from ..model import Model, as_model
 from ..tracing.tracer import trace
@@ -62,13 +69,17 @@ def activation_patching(
     Args:
         model: The model: a language model, an encoder such as a headless
             ``BertModel``, or a TransformerLens model.
-        clean: Token ids ``[batch, pos]`` of the clean prompts (or a dict of tensors).
-        corrupted: The corrupted prompts, of the same shape.
+        clean: Token ids ``[batch, pos]`` of the clean prompts, a dict of tensors
+            (``input_ids``, ``attention_mask``), or text (``str`` / ``list[str]``,
+            tokenised with padding by the model's tokenizer).
+        corrupted: The corrupted prompts, of the same shape and padding.
         metric: ``metric(x) -> scalar`` for one experiment's rows of the batch. ``x`` is
             the logits ``[batch, pos, vocab]`` where the model has them (e.g. a
             normalised logit difference), otherwise the model's output (for a
             ``BertModel`` its ``BaseModelOutputWithPooling...``: read
-            ``x.last_hidden_state`` ``[batch, pos, d_model]``).
+            ``x.last_hidden_state`` ``[batch, pos, d_model]``). Positions are the
+            padded batch's: read a right-padded prompt's last token at
+            ``iv.last_token_positions(batch)``.
         site: A per-layer site with a position axis: ``"resid_pre"``, ``"resid_mid"``,
             ``"resid_post"``, ``"attn.out"``, ``"mlp.out"``, ``"attn.pattern"``; with
             ``heads=True`` a per-head site: ``"z"``, ``"q"``, ``"k"``, ``"v"``,
@@ -93,12 +104,14 @@ def activation_patching(
 
     Raises:
         ArgumentError: An unknown direction or positions, ``"dest_src"`` on a site
-            that is not a pattern, or ``experiments_per_pass`` below 1.
+            that is not a pattern, ``experiments_per_pass`` below 1, or clean and
+            corrupted inputs of different shapes or padding.
         SiteError: A site this model does not have, or a per-head site without
             ``heads=True``.
     """
     model = as_model(model)
     _check(site, heads, direction, positions, experiments_per_pass)
+    clean, corrupted = paired_inputs(model, clean, corrupted)
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     n_heads = model.n_kv_heads if heads and site in ("k", "v") else model.n_heads
     keys = _cells(model.n_layers, n_heads if heads else 0)
@@ -134,6 +147,77 @@ def _check(site: str, heads: bool, direction: str, positions: str, per_pass: int
             f"positions='dest_src' patches one (destination, source) entry of an attention "
             f"pattern, so it needs site='pattern' with heads=True or site='attn.pattern'; "
             f"for site={site!r} use positions='each' or 'all'"
+        )
+
+
+def paired_inputs(
+    model: Model, clean: Any, corrupted: Any, names: tuple[str, str] = ("clean", "corrupted")
+) -> tuple[Any, Any]:
+    """Both runs' inputs, text tokenised (padded, with an attention mask) as ``iv.trace`` does.
+
+    Patching pairs position ``p`` of one run with position ``p`` of the other, so the
+    two need the same shape and, where padded, the same padding.
+
+    Raises:
+        ArgumentError: Inputs of different shapes, or attention masks that differ
+            (a pair of prompts with different numbers of tokens).
+    """
+    text = [_is_text(x) for x in (clean, corrupted)]
+    pair = (tokenize(model, clean, f"{names[0]} inputs"),
+            tokenize(model, corrupted, f"{names[1]} inputs"))  # fmt: skip
+    shapes = [input_shape(x) for x in pair]
+    if None not in shapes and shapes[0] != shapes[1]:
+        how = _TOKENS_HOW if any(text) else "pad or truncate them to the same [batch, pos]"
+        raise ArgumentError(
+            f"{names[0]} and {names[1]} inputs must have the same shape, got {names[0]} "
+            f"{shapes[0]} and {names[1]} {shapes[1]}: {how}"
+        )
+    _check_masks(pair, names)
+    return pair
+
+
+_TOKENS_HOW = (
+    "patching pairs position p of each prompt with position p of its counterpart, so each "
+    "pair of prompts must tokenise to as many tokens (check len(model.tokenizer(prompt)"
+    "['input_ids'])) and reword those that do not, or pass token ids of one length"
+)
+
+
+def _is_text(x: Any) -> bool:
+    return isinstance(x, str) or (isinstance(x, list) and bool(x) and isinstance(x[0], str))
+
+
+def input_shape(inputs: Any) -> tuple[int, ...] | None:
+    """``[batch, pos, ...]`` of token ids (or a dict's ``input_ids``); ``None`` if unknown."""
+    if isinstance(inputs, Mapping):
+        tensors = [v for v in inputs.values() if isinstance(v, Tensor) and v.dim() >= 2]
+        inputs = inputs.get("input_ids", tensors[0] if tensors else None)
+    if isinstance(inputs, Tensor) and inputs.dim() >= 2:
+        return tuple(inputs.shape)
+    return None
+
+
+def _mask(inputs: Any) -> Tensor | None:
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    return mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+
+
+def _check_masks(pair: tuple[Any, Any], names: tuple[str, str]) -> None:
+    """Refuse runs padded differently: their positions would not pair up."""
+    masks = [_mask(x) for x in pair]
+    if masks == [None, None]:
+        return
+    shape = input_shape(pair[0]) or input_shape(pair[1])
+    full = torch.ones(shape[:2], dtype=torch.long) if shape else None
+    a, b = (full if m is None else m.long().cpu() for m in masks)
+    if a is None or b is None or a.shape != b.shape:
+        return
+    rows = (a != b).any(-1).nonzero().flatten().tolist()
+    if rows:
+        counts = ", ".join(f"{int(a[r].sum())} vs {int(b[r].sum())}" for r in rows[:4])
+        raise ArgumentError(
+            f"row(s) {rows} of the {names[0]} and {names[1]} inputs are padded differently "
+            f"(their attention masks differ; real tokens {counts}): {_TOKENS_HOW}"
         )
 
 
@@ -221,40 +305,67 @@ class _Prefix:
     """The unpatched run's KV cache and logits, so passes can start at a later position."""
 
     ids: Tensor
+    mask: Tensor | None
     logits: Tensor
     cache: Any
 
     @classmethod
     def of(cls, model: Model, base: Any) -> _Prefix | None:
-        """The prefix of ``base`` (token ids); ``None`` where it cannot be reused.
+        """The prefix of ``base`` (token ids, with a mask); ``None`` where it cannot be reused.
 
         Only for a Hugging Face causal LM (one that can generate, with logits) called on
-        token ids: in an encoder every position sees every other, so nothing can be
-        reused and every pass runs the whole input.
+        token ids, padded or not: in an encoder every position sees every other, so
+        nothing can be reused and every pass runs the whole input.
         """
         bridged = model.backend.name == "transformer_lens"
         hf = model.resolver.hf_module if bridged else model.module
-        if not isinstance(base, Tensor) or hf is None or model.resolver.arch is None:
+        ids, mask = _ids_and_mask(base)
+        if ids is None or hf is None or model.resolver.arch is None:
             return None
         if not (callable(getattr(hf, "can_generate", None)) and hf.can_generate()):
             return None
         with trace(model) as t:
             t.logits.save()
+        inputs = {"input_ids": ids, "use_cache": True, **_with_mask(mask, 1)}
         with torch.no_grad():
-            output = t.program.run(model, {"input_ids": base, "use_cache": True}).output
+            output = t.program.run(model, inputs).output
         cache = getattr(output, "past_key_values", None)
         logits = getattr(output, "logits", None)
         if not isinstance(logits, Tensor) or not hasattr(cache, "batch_select_indices"):
             return None
-        return cls(base, logits.detach(), cache)
+        return cls(ids, mask, logits.detach(), cache)
 
     def inputs(self, start: int, n: int) -> dict[str, Any]:
-        """Forward arguments for ``n`` copies of the batch, from position ``start`` on."""
+        """Forward arguments for ``n`` copies of the batch, from position ``start`` on.
+
+        The attention mask covers the cached positions too; the backend derives each
+        row's position ids from it (left padding), as for a whole pass.
+        """
         cache = copy.deepcopy(self.cache)
         cache.crop(start - self.ids.shape[1])  # a negative count: tokens to drop
         cache.batch_select_indices(torch.arange(self.ids.shape[0]).repeat(n))
         ids = self.ids[:, start:].repeat(n, 1)
-        return {"input_ids": ids, "past_key_values": cache, "use_cache": True}
+        return {"input_ids": ids, "past_key_values": cache, "use_cache": True,
+                **_with_mask(self.mask, n)}  # fmt: skip
+
+
+def _ids_and_mask(base: Any) -> tuple[Tensor | None, Tensor | None]:
+    """``base``'s token ids and mask (``None``: no padding), if that is all it holds."""
+    if isinstance(base, Tensor):
+        return (base, None) if base.dim() == 2 else (None, None)
+    if not isinstance(base, Mapping) or not set(base) <= {"input_ids", "attention_mask"}:
+        return None, None
+    ids, mask = base.get("input_ids"), base.get("attention_mask")
+    if not isinstance(ids, Tensor) or ids.dim() != 2:
+        return None, None
+    if mask is None or bool((torch.as_tensor(mask) != 0).all()):
+        return ids, None
+    mask = torch.as_tensor(mask)
+    return (ids, mask) if mask.shape == ids.shape else (None, None)
+
+
+def _with_mask(mask: Tensor | None, n: int) -> dict[str, Tensor]:
+    return {} if mask is None else {"attention_mask": mask.repeat(n, 1)}
 
 
 def _run_chunk(
@@ -316,6 +427,6 @@ def _repeat(inputs: Any, n: int) -> Any:
     if isinstance(inputs, Mapping):
         return {k: _repeat(v, n) if isinstance(v, Tensor) else v for k, v in inputs.items()}
     raise ArgumentTypeError(
-        f"activation_patching takes token ids (a tensor [batch, pos]) or a dict of "
-        f"tensors, got {type(inputs).__name__}"
+        f"patching takes token ids (a tensor [batch, pos]), a dict of tensors, or text "
+        f"(str / list[str], with a tokenizer), got {type(inputs).__name__}"
     )

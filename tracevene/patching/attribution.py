@@ -26,7 +26,7 @@ from torch import Tensor
 from ..errors import ArgumentError, ArgumentTypeError
 from ..model import Model, as_model
 from ..tracing.tracer import trace
-from .activation import DIRECTIONS, Metric
+from .activation import DIRECTIONS, Metric, input_shape, paired_inputs
 from .outputs import scored
 from .result import PatchResult
 
@@ -58,13 +58,16 @@ def attribution_patching(
     Args:
         model: The model (with a site table: a supported Hugging Face family or a
             TransformerLens model).
-        clean: Token ids ``[batch, pos]`` of the clean prompts (or a dict of tensors).
-        corrupted: The corrupted prompts, of the same shape.
+        clean: Token ids ``[batch, pos]`` of the clean prompts, a dict of tensors
+            (``input_ids``, ``attention_mask``), or text (``str`` / ``list[str]``,
+            tokenised with padding by the model's tokenizer).
+        corrupted: The corrupted prompts, of the same shape and padding.
         metric: ``metric(x) -> scalar`` on the whole batch, differentiable (torch
             operations only). ``x`` is the logits ``[batch, pos, vocab]`` where the
             model has them, otherwise the model's output (for a headless
             ``BertModel`` its ``BaseModelOutputWithPooling...``: read
-            ``x.last_hidden_state``), as for ``activation_patching``.
+            ``x.last_hidden_state``), as for ``activation_patching``. Positions are
+            the padded batch's (``iv.last_token_positions`` under right padding).
         sites: Per-layer sites ``"resid_pre"``, ``"resid_mid"``, ``"resid_post"``,
             ``"attn.out"``, ``"mlp.out"`` (axes ``[layer, pos]``) and per-head sites
             ``"z"``, ``"q"``, ``"k"``, ``"v"`` (axes ``[layer, pos, head]``; ``"k"`` and
@@ -76,8 +79,8 @@ def attribution_patching(
         ``activation_patching``'s.
 
     Raises:
-        ValueError: An unknown site or direction, inputs of different shapes, or a
-            metric that is not a differentiable scalar.
+        ArgumentError: An unknown site or direction, inputs of different shapes or
+            padding, or a metric that is not a differentiable scalar.
     """
     model = as_model(model)
     names = _check_sites(sites)
@@ -88,6 +91,7 @@ def attribution_patching(
             "attribution_patching needs a model with a site table (a supported Hugging "
             f"Face family or a TransformerLens model), got {model!r}"
         )
+    clean, corrupted = paired_inputs(model, clean, corrupted)
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     n_pos = _n_pos(base, source)
     with torch.enable_grad():
@@ -114,28 +118,16 @@ def _check_sites(sites: str | Iterable[str]) -> list[str]:
 
 
 def _n_pos(base: Any, source: Any) -> int:
-    """The number of positions of the inputs; both runs must have the same shape."""
-    shapes = [_shape(x) for x in (base, source)]
-    if shapes[0] != shapes[1]:
-        raise ArgumentError(
-            f"clean and corrupted inputs must have the same shape, got {shapes[0]} and "
-            f"{shapes[1]}: pad or truncate them to the same [batch, pos]"
-        )
-    return shapes[0][1]
-
-
-def _shape(inputs: Any) -> tuple[int, ...]:
-    if isinstance(inputs, Tensor) and inputs.dim() >= 2:
-        return tuple(inputs.shape)
-    if isinstance(inputs, Mapping):
-        tensors = [v for k, v in inputs.items() if isinstance(v, Tensor) and v.dim() >= 2]
-        first = inputs.get("input_ids", tensors[0] if tensors else None)
-        if isinstance(first, Tensor):
-            return tuple(first.shape)
-    raise ArgumentTypeError(
-        "attribution_patching takes token ids (a tensor [batch, pos]) or a dict of "
-        f"tensors with a [batch, pos, ...] tensor in it, got {type(inputs).__name__}"
-    )
+    """The number of positions of the inputs (``paired_inputs`` checked their shapes)."""
+    for inputs in (base, source):
+        shape = input_shape(inputs)
+        if shape is None:
+            raise ArgumentTypeError(
+                "attribution_patching takes token ids (a tensor [batch, pos]), a dict of "
+                "tensors with a [batch, pos, ...] tensor in it, or text (str / list[str], "
+                f"with a tokenizer), got {type(inputs).__name__}"
+            )
+    return shape[1]
 
 
 def _alphas(model: Model, site: str, n_pos: int) -> list[Tensor]:

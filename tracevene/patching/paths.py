@@ -27,7 +27,7 @@ from ..backends.inputs import slice_output
 from ..errors import ArgumentError, ArgumentTypeError
 from ..model import Model, as_model
 from ..tracing.tracer import trace
-from .activation import Metric, _repeat
+from .activation import Metric, _repeat, input_shape, paired_inputs
 from .outputs import experiment, scored
 from .result import PatchResult
 
@@ -106,8 +106,8 @@ _KIND = {Mlp: "mlp", Resid: "resid"}
 
 def path_patching(
     model: Model | torch.nn.Module,
-    orig: Tensor,
-    new: Tensor,
+    orig: Any,
+    new: Any,
     metric: Metric,
     senders: str | Sequence[Node | Sequence[Node]] = "heads",
     receivers: str | Node | Sequence[Node] = "logits",
@@ -121,8 +121,10 @@ def path_patching(
 
     Args:
         model: The model.
-        orig: Token ids ``[batch, pos]`` of the prompts the model runs on.
-        new: Token ids of the same shape: where the senders' values come from.
+        orig: Token ids ``[batch, pos]`` of the prompts the model runs on, a dict of
+            tensors (``input_ids``, ``attention_mask``), or text (``str`` /
+            ``list[str]``, tokenised with padding by the model's tokenizer).
+        new: Inputs of the same shape and padding: where the senders' values come from.
         metric: ``metric(x) -> scalar`` for one experiment's rows: ``x`` is the logits
             ``[batch, pos, vocab]`` where the model has them, otherwise the model's
             output (for a headless ``BertModel`` its ``BaseModelOutputWithPooling...``:
@@ -136,6 +138,7 @@ def path_patching(
             output, e.g. the final hidden state: the senders reach it through the
             residual stream and the recomputed MLPs and LayerNorms only (in a
             post-LN encoder such as BERT that includes every later layer's norms).
+            Node positions are the padded batch's.
         freeze_mlps: Also freeze the MLPs that are not senders or receivers (the paper
             recomputes them).
         form: ``"two_pass"`` or ``"single_pass"``.
@@ -144,6 +147,10 @@ def path_patching(
 
     Returns:
         The metric of every patched run.
+
+    Raises:
+        ArgumentError: Bad senders, receivers, form or ``experiments_per_pass``, or
+            orig and new inputs of different shapes or padding.
     """
     model = as_model(model)
     sets, shape, axes = _sender_sets(model, senders)
@@ -152,14 +159,10 @@ def path_patching(
         raise ArgumentError(f"form={form!r}: choose 'two_pass' or 'single_pass'")
     if experiments_per_pass < 1:
         raise ArgumentError(f"experiments_per_pass={experiments_per_pass} must be at least 1")
-    if tuple(orig.shape) != tuple(new.shape):
-        raise ArgumentError(
-            f"orig and new must have the same shape; got {tuple(orig.shape)} and "
-            f"{tuple(new.shape)}. Pad the prompts to one length."
-        )
+    orig, new = paired_inputs(model, orig, new, ("orig", "new"))
     caches = (_components(model, orig), _components(model, new))
     run = _single_pass if form == "single_pass" else _two_pass
-    batch = orig.shape[0]
+    batch = _batch(orig)
     out = torch.empty(len(sets))
     chunks = range(0, len(sets), experiments_per_pass)
     for start in tqdm(chunks, desc="path patching", disable=not progress):
@@ -228,7 +231,19 @@ def _nodes(model: Model, nodes: Any, role: str) -> list[Node]:
 
 
 # -- the runs -----------------------------------------------------------------------------
-def _components(model: Model, inputs: Tensor) -> dict[str, list[Tensor]]:
+def _batch(inputs: Any) -> int:
+    """The batch size of token ids ``[batch, pos]`` (or a dict's ``input_ids``)."""
+    shape = input_shape(inputs)
+    if shape is None:
+        raise ArgumentTypeError(
+            "path_patching takes token ids (a tensor [batch, pos]), a dict of tensors with "
+            "'input_ids', or text (str / list[str], with a tokenizer), got "
+            f"{type(inputs).__name__}"
+        )
+    return shape[0]
+
+
+def _components(model: Model, inputs: Any) -> dict[str, list[Tensor]]:
     """Every layer's per-head ``z``, MLP output and residual input on ``inputs``."""
     with trace(model) as t:
         saved = {
@@ -305,7 +320,7 @@ def _site(run: Any, node: Node) -> Any:
 
 def _two_pass(model, orig, chunk, targets, caches, freeze_mlps) -> Any:
     """What the metric scores (logits, or the output), for every experiment's rows."""
-    n, batch = len(chunk), orig.shape[0]
+    n, batch = len(chunk), _batch(orig)
     writes = _frozen(model, chunk, targets, caches, freeze_mlps)
     with trace(model) as t:
         saved = [_site(t, node).save() for node in targets]
@@ -325,7 +340,7 @@ def _two_pass(model, orig, chunk, targets, caches, freeze_mlps) -> Any:
 
 def _single_pass(model, orig, chunk, targets, caches, freeze_mlps) -> Any:
     """As ``_two_pass``, with both runs stacked along the batch axis of one pass."""
-    n, batch = len(chunk), orig.shape[0]
+    n, batch = len(chunk), _batch(orig)
     writes = _frozen(model, chunk, targets, caches, freeze_mlps)
     half = n * batch
     with trace(model) as t:
