@@ -27,8 +27,9 @@ def _scale(hf, *inputs) -> float:
         return numerics.magnitude(*(hf(x).logits for x in inputs))
 
 
-@pytest.fixture(scope="module")
-def setup():
+@functools.cache
+def _setup():
+    """A random GPT-2, clean and corrupted ids, its TransformerLens bridge and clean cache."""
     hf = models.gpt2()
     g = torch.Generator().manual_seed(0)
     clean = torch.randint(0, 97, (2, 6), generator=g)
@@ -37,6 +38,11 @@ def setup():
     bridge = iv.wrap(hf, backend="transformer_lens").module
     _, cache = bridge.run_with_cache(clean)
     return hf, clean, corrupted, bridge, cache
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return _setup()
 
 
 # (our site, heads, TransformerLens's helper). Not resid_mid: on a TransformerBridge over
@@ -188,13 +194,7 @@ def test_plots_are_titled_by_method(setup, tmp_path):
 @functools.cache
 def _tl_patterns() -> dict[str, torch.Tensor]:
     """TransformerLens's pattern sweeps on the fixture's GPT-2, heads last (computed once)."""
-    hf = models.gpt2()
-    g = torch.Generator().manual_seed(0)
-    clean = torch.randint(0, 97, (2, 6), generator=g)
-    corrupted = clean.clone()
-    corrupted[:, 2] = (corrupted[:, 2] + 1) % 97
-    bridge = iv.wrap(hf, backend="transformer_lens").module
-    _, cache = bridge.run_with_cache(clean)
+    _, _, corrupted, bridge, cache = _setup()
     by_pos = tl_patching.get_act_patch_attn_head_pattern_by_pos(bridge, corrupted, cache, _metric)
     all_pos = tl_patching.get_act_patch_attn_head_pattern_all_pos(bridge, corrupted, cache, _metric)
     return {"each": by_pos.permute(0, 2, 1), "all": all_pos}  # [layer, head, dest] -> heads last

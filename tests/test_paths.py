@@ -68,6 +68,19 @@ def _z(hf: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+def _freeze_hook(z_orig, z_new, is_sender: bool, head: int, dh: int):
+    """A pre-hook on an output projection: z of the orig run, the sender head's from new."""
+
+    def hook(module, args):
+        z = z_orig.clone()
+        if is_sender:
+            cols = slice(head * dh, (head + 1) * dh)
+            z[..., cols] = z_new[..., cols]
+        return (z,)
+
+    return hook
+
+
 def _reference(hf, orig, new, sender, receiver) -> float:
     """Two-pass path patching with plain hooks: sender (layer, head) -> receiver.
 
@@ -78,14 +91,7 @@ def _reference(hf, orig, new, sender, receiver) -> float:
     z_orig, z_new = _z(hf, orig), _z(hf, new)
 
     def freeze(i):
-        def hook(module, args):
-            z = z_orig[i].clone()
-            if i == sender[0]:
-                cols = slice(sender[1] * dh, (sender[1] + 1) * dh)
-                z[..., cols] = z_new[i][..., cols]
-            return (z,)
-
-        return hook
+        return _freeze_hook(z_orig[i], z_new[i], i == sender[0], sender[1], dh)
 
     blocks = hf.transformer.h
     hooks = [blocks[i].attn.c_proj.register_forward_pre_hook(freeze(i)) for i in range(len(blocks))]
@@ -313,14 +319,7 @@ def _minilm_reference(sender: tuple[int, int], receiver: tuple[int, int] | None)
     z_orig, z_new = _bert_z(hf, orig), _bert_z(hf, new)
 
     def freeze(i):
-        def hook(module, args):
-            z = z_orig[i].clone()
-            if i == sender[0]:
-                cols = slice(sender[1] * dh, (sender[1] + 1) * dh)
-                z[..., cols] = z_new[i][..., cols]
-            return (z,)
-
-        return hook
+        return _freeze_hook(z_orig[i], z_new[i], i == sender[0], sender[1], dh)
 
     hooks = [layer.attention.output.dense.register_forward_pre_hook(freeze(i))
              for i, layer in enumerate(layers)]  # fmt: skip
