@@ -26,23 +26,3 @@ def _one_thread():
 def _seed_torch() -> None:
     """Every test starts from the same torch RNG state."""
     torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True)
-def _reference_backend(request, monkeypatch):
-    """Tests that wrap without naming a backend exercise the torch reference backend.
-
-    ``iv.wrap`` picks nnsight when it is installed; the nnsight and TransformerLens
-    backends have their own test modules and run the whole conformance suite. Mark a
-    test ``real_default_backend`` to see the real choice.
-    """
-    if request.node.get_closest_marker("real_default_backend"):
-        return
-    import tracevene.model
-
-    natural = tracevene.model.natural_backend
-    monkeypatch.setattr(
-        tracevene.model,
-        "natural_backend",
-        lambda m: "transformer_lens" if natural(m) == "transformer_lens" else "torch",
-    )

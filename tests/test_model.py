@@ -69,16 +69,52 @@ def test_load_without_tokenizer_files_gives_no_tokenizer(tmp_path):
             t.logits.save()
 
 
-@pytest.mark.real_default_backend
-def test_wrap_picks_nnsight_when_installed_else_torch(monkeypatch):
-    import importlib.util
-
-    import tracevene.model
-
-    expected = "nnsight" if importlib.util.find_spec("nnsight") else "torch"
-    assert iv.wrap(models.gpt2()).backend.name == expected
-    monkeypatch.setattr(tracevene.model.importlib.util, "find_spec", lambda name: None)
+def test_wrap_defaults_to_the_torch_backend_even_with_nnsight_installed():
     assert iv.wrap(models.gpt2()).backend.name == "torch"
+    from tracevene.model import as_model  # what iv.trace, program.run, iv.train use
+
+    assert as_model(models.gpt2()).backend.name == "torch"
+
+
+_NO_NNSIGHT = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch
+import models
+import tracevene as iv
+
+backward = torch.Tensor.backward
+model = iv.wrap(models.gpt2())
+assert model.backend.name == "torch", model.backend.name
+with iv.trace(models.gpt2(), models.tokens()) as t:
+    t.logits.save()
+print("after", "nnsight" in sys.modules, hasattr(object, "save"), torch.Tensor.backward is backward)
+iv.wrap(models.gpt2(), backend="nnsight")
+print("asked", "nnsight" in sys.modules)
+"""
+
+
+def test_wrapping_without_a_backend_does_not_import_nnsight():
+    """nnsight patches every object and Tensor.backward on import: only when named."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("nnsight")
+    code = _NO_NNSIGHT.format(tests=str(Path(__file__).parent))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert "after False False True" in lines
+    assert "asked True" in lines
+
+
+def test_wrapping_on_transformer_lens_keeps_the_global_rng_state():
+    pytest.importorskip("transformer_lens")
+    hf = models.gpt2()
+    before = torch.get_rng_state()
+    iv.wrap(hf, backend="transformer_lens")
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_wrap_does_not_warn_about_training_mode_without_dropout():

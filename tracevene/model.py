@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ class Model:
 
     def __init__(self, module: nn.Module, backend: Backend, tokenizer: Any = None):
         self.wrapped = module  # the caller's module: to_backend starts again from it
-        self.module = backend.prepare(module)
+        with _keep_rng_state():  # building a TransformerLens bridge draws random numbers
+            self.module = backend.prepare(module)
         self.backend = backend
         self.tokenizer = tokenizer
         self.resolver = backend.make_resolver(self.module)
@@ -88,13 +90,16 @@ def wrap(model: nn.Module | Model, backend: str | None = None, tokenizer: Any = 
 
     Args:
         model: A Hugging Face model, or any ``nn.Module``.
-        backend: ``"nnsight"``, ``"transformer_lens"`` or ``"torch"``. ``None`` picks
-            the natural one: ``"transformer_lens"`` for TransformerLens objects, else
-            ``"nnsight"`` if it is installed, else ``"torch"``.
+        backend: ``"torch"``, ``"nnsight"`` or ``"transformer_lens"``. ``None`` picks
+            ``"transformer_lens"`` for TransformerLens objects and the reference
+            ``"torch"`` backend for everything else: nnsight is imported only when
+            named, since importing it patches ``Tensor.backward`` and every object
+            process-wide.
         tokenizer: Tokenizer for string inputs.
 
     Returns:
-        The wrapped model; the caller's module is not changed.
+        The wrapped model; the caller's module is not changed, and neither is the
+        global torch random state.
     """
     if isinstance(model, Model):
         return model if backend in (None, model.backend.name) else model.to_backend(backend)
@@ -110,18 +115,26 @@ def wrap(model: nn.Module | Model, backend: str | None = None, tokenizer: Any = 
             "call model.eval() before wrapping unless you mean it.",
             stacklevel=2,
         )
-    return Model(model, get_backend(backend or natural_backend(model)), tokenizer)
+    return Model(model, get_backend(backend or default_backend(model)), tokenizer)
 
 
-def natural_backend(model: nn.Module) -> str:
-    """The backend ``wrap`` picks when none is named."""
+def default_backend(model: nn.Module) -> str:
+    """The backend ``wrap`` picks when none is named (never nnsight: name it to get it)."""
     if any(c.__module__.startswith("transformer_lens.") for c in type(model).__mro__):
         return "transformer_lens"  # HookedTransformer / TransformerBridge objects
-    return "nnsight" if importlib.util.find_spec("nnsight") is not None else "torch"
+    return "torch"
+
+
+@contextlib.contextmanager
+def _keep_rng_state() -> Iterator[None]:
+    """Restore the CPU (and any initialised CUDA) torch random state on exit."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
 
 
 def as_model(model: Any) -> Model:
-    """``model`` itself if wrapped, else wrapped on the default backend."""
+    """``model`` itself if wrapped, else wrapped on the default (torch) backend."""
     if isinstance(model, Model):
         return model
     if isinstance(model, nn.Module):

@@ -206,10 +206,15 @@ class Resolver:
             self._module(site.key)
             return site
         if self.arch is None:
+            paths = [repr(n) for n in self.modules if n][:6]
+            some = f" (paths here: {', '.join(paths)}{', ...' if len(paths) == 6 else ''})"
             raise SiteError(
-                f"{display(name)}: this {type(self.module).__name__} has no site table, so "
-                "only module sites exist: use t.module('path').output (paths: "
-                f"{', '.join(closest('', [n for n in self.modules if n], 6))}, ...)."
+                f"{display(name)}: this {type(self.module).__name__} has no mapped "
+                "architecture (no site table), so vocabulary sites such as t.logits or "
+                "t.layer[i] do not exist on it. Read and write its modules instead with "
+                "t.module(path).output or .input, where path is a name from "
+                "module.named_modules() and '' is the module itself"
+                f"{some if paths else ''}."
             )
         check_range(site, display(name), self.n_layers, self.n_heads, self.n_kv_heads)
         key = "attn.head_out" if site.key == "attn.out" and site.head is not None else site.key

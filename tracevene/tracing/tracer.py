@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
 import sys
 import threading
@@ -10,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..errors import SiteError, TraceError
+from ..errors import SiteError, TraceError, closest
 from ..ir.nodes import Node, Ref
 from ..ir.program import Program
 from ..sites.vocab import check_child
@@ -448,7 +450,9 @@ class trace:  # noqa: N801 - used as a function: iv.trace(model, ...)
             reusable program.
         schedule: ``"auto"``, ``"batched"`` or ``"sequential"`` (see ``Program.run``).
         **kwargs: Values of placeholders (``t.arg(name)``) by name; the rest are keyword
-            arguments of the model's forward.
+            arguments of the model's forward. A keyword that forward does not take
+            raises ``TraceError`` naming the closest valid one; where forward takes
+            ``**kwargs``, only a near miss of a known name (``schedul=``) is refused.
 
     Example:
         ```python
@@ -507,11 +511,47 @@ class trace:  # noqa: N801 - used as a function: iv.trace(model, ...)
             )
         args = {k: v for k, v in self.kwargs.items() if k in program.args}
         forward = {k: v for k, v in self.kwargs.items() if k not in program.args}
+        _check_forward_keywords(self.model.module, forward, program.args)
+        text = next((k for k, v in args.items() if isinstance(v, (str, bytes))), None)
+        if text is not None:
+            line = next((n.loc for n in tracer.nodes if n.op == "arg" and n.target == text), "")
+            raise TraceError(
+                f"line {line}: placeholder {text!r} is bound to the string "
+                f"{args[text]!r}; placeholders take tensors and numbers (e.g. a position "
+                "index or a scale), so bind it to one of those."
+            )
         result = program.run(
             self.model, self.base, tracer.source_inputs, schedule=self.schedule,
             forward_kwargs=forward, **args,
         )  # fmt: skip
         tracer.result = result
+
+
+def _check_forward_keywords(module: nn.Module, forward: dict[str, Any], args: Any) -> None:
+    """Refuse a keyword of ``iv.trace`` that is no placeholder and that forward cannot take.
+
+    A forward that takes ``**kwargs`` accepts any name, so there only a near miss of a
+    name tracevene or forward knows (``schedul=``) is refused; the rest pass through.
+    """
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return  # no signature to check against
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in params)
+    known = ["schedule", *args, *named]
+    for name in forward:
+        if name in named:
+            continue
+        if open_ended and not difflib.get_close_matches(name, known, n=1, cutoff=0.8):
+            continue
+        placeholders = ", ".join(repr(a) for a in args) or "none"
+        raise TraceError(
+            f"iv.trace got the keyword {name!r}, which is not a keyword of iv.trace "
+            f"(schedule), not a placeholder of the program ({placeholders}) and not a "
+            f"parameter of {type(module).__name__}.forward; closest: "
+            f"{', '.join(closest(name, known))}."
+        )
 
 
 __all__ = ["trace", "Run", "Value", "Saved"]

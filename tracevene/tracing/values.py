@@ -63,9 +63,11 @@ class Value:
         return self._tracer.save(self, name)
 
     def __getitem__(self, index: Any) -> Value:
+        _check_index(self, index)
         return self._tracer.value("getitem", None, (self, index))
 
     def __setitem__(self, index: Any, value: Any) -> None:
+        _check_index(self, index)
         node = self._tracer.add("setitem", None, None, (self, index, value))
         object.__setattr__(self, "_node", node)
 
@@ -136,8 +138,62 @@ class Value:
 
     __hash__ = object.__hash__
 
+    def __format__(self, spec: str) -> str:
+        if not spec:
+            return str(self)  # f"{x}" and print(x) show the repr
+        raise TraceError(
+            f"cannot format {self!r} with {spec!r}: a traced value has no number while the "
+            "with-block records the program. Save it (saved = x.save()) and format "
+            "saved.value after the block, e.g. f'{saved.value.item():" + spec + "}'."
+        )
+
+    # -- neither pickle nor NumPy can see inside a traced value ---------------------
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TraceError(
+            f"{self!r} cannot be pickled (torch.save, pickle, copy): it stands for a tensor "
+            "that exists only when the program runs, and pickling it would pickle its "
+            "tracer and the whole model. Save it inside the block (saved = x.save()) and "
+            "call torch.save(saved.value, path) after the block."
+        )
+
+    def __reduce__(self) -> Any:
+        return self.__reduce_ex__(2)
+
+    def __getstate__(self) -> Any:
+        return self.__reduce_ex__(2)
+
+    def __array__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TraceError(_numpy("np.asarray / np.array"))
+
+    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        raise TraceError(_numpy(f"np.{getattr(ufunc, '__name__', ufunc)}"))
+
+    def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        raise TraceError(_numpy(f"np.{getattr(func, '__name__', func)}"))
+
     def __repr__(self) -> str:
         return f"<traced value %{self._node}>"
+
+
+def _numpy(what: str) -> str:
+    return (
+        f"{what} cannot compute with a traced value: NumPy does not record into the "
+        "program. Use the torch function (torch.exp(x)) or tensor method (x.exp()) "
+        "inside the block; for a NumPy array, .save() it and use saved.value.numpy() "
+        "after the block."
+    )
+
+
+def _check_index(value: Value, index: Any) -> None:
+    """Refuse string indices, which torch would only reject when the program runs."""
+    items = index if isinstance(index, (tuple, list)) else (index,)
+    bad = next((i for i in items if isinstance(i, str)), None)
+    if bad is not None:
+        raise TraceError(
+            f"{value!r}[{index!r}]: a string is not a tensor index. Index traced values "
+            "with ints, slices, None, ..., or tensors; sites are attributes (t.logits, "
+            "t.layer[0].mlp.out), not string keys."
+        )
 
 
 def _function(name: str) -> str:
@@ -202,6 +258,7 @@ class Alias(Value):
         return SiteView(self, index)
 
     def __setitem__(self, index: Any, value: Any) -> None:
+        _check_index(self, index)
         if not self._is_echo(index, value):
             self._assign_at(index, value)
         self._rebind()
