@@ -8,6 +8,7 @@ import ast
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -225,8 +226,8 @@ def test_save_load_save_is_byte_identical(program, saved, tmp_path):
     iv.Program.load(saved).save(tmp_path / "again")
     assert (tmp_path / "again" / "program.json").read_text() == (saved / "program.json").read_text()
     first, second = (
-        load_file(saved / "tensors.safetensors"),
-        load_file(tmp_path / "again" / "tensors.safetensors"),
+        load_file(tensor_path(saved)),
+        load_file(tensor_path(tmp_path / "again")),
     )
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
@@ -376,9 +377,9 @@ def _edit_graph(fn: Callable[[dict], None]) -> Callable[[Path], None]:
 
 def _edit_tensors(fn: Callable[[dict], None]) -> Callable[[Path], None]:
     def apply(d: Path) -> None:
-        blobs = load_file(d / "tensors.safetensors")
+        blobs = load_file(tensor_path(d))
         fn(blobs)
-        save_file(blobs, d / "tensors.safetensors")
+        save_file(blobs, tensor_path(d))
 
     return apply
 
@@ -401,10 +402,17 @@ def _reshape_module_weight(d: Path) -> None:
     _edit_tensors(lambda b: b.__setitem__(f"module/{key}/weight", torch.zeros(D, D + 1)))(d)
 
 
+def tensor_path(directory: Path) -> Path:
+    """The tensor file ``program.json`` names."""
+    graph = json.loads((directory / "program.json").read_text())
+    return directory / graph["tensor_file"]["name"]
+
+
 def _truncate(name: str) -> Callable[[Path], None]:
     def apply(d: Path) -> None:
-        data = (d / name).read_bytes()
-        (d / name).write_bytes(data[: len(data) // 2])
+        path = tensor_path(d) if name == "tensors" else d / name
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
 
     return apply
 
@@ -566,16 +574,16 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
         r"\(const\): uses tensor 'c0', which the program lacks",
     ),
     "truncated safetensors": (
-        _truncate("tensors.safetensors"),
-        r"tensors\.safetensors is damaged or truncated",
+        _truncate("tensors"),
+        r"tensors\.[0-9a-f]{16}\.safetensors is damaged or truncated",
     ),
     "empty safetensors": (
-        lambda d: (d / "tensors.safetensors").write_bytes(b""),
-        r"tensors\.safetensors is damaged or truncated",
+        lambda d: tensor_path(d).write_bytes(b""),
+        r"tensors\.[0-9a-f]{16}\.safetensors is damaged or truncated",
     ),
-    "missing tensors.safetensors": (
-        lambda d: (d / "tensors.safetensors").unlink(),
-        r"tensors\.safetensors is missing",
+    "missing tensor file": (
+        lambda d: tensor_path(d).unlink(),
+        r"tensors\.[0-9a-f]{16}\.safetensors is missing \(program\.json names it",
     ),
     "unknown encoding": (
         _edit_graph(_set_arg({"bogus": 1})),
@@ -712,30 +720,25 @@ class Interrupted(Exception):
     pass
 
 
-def _half_save_file(real):
-    def fake(tensors, filename, *args, **kwargs):
-        real(tensors, filename, *args, **kwargs)
-        data = Path(filename).read_bytes()
-        Path(filename).write_bytes(data[: len(data) // 2])
-        raise Interrupted("power cut while writing tensors")
+def _fail_write(monkeypatch, where: str) -> type[BaseException]:
+    """Stop the tensor file's write ("save_file") or program.json's ("write_text") half way."""
+    real, calls = serialize._write_all, []
+    nth, error = (1, Interrupted) if where == "save_file" else (3, KeyboardInterrupt)
 
-    return fake
+    def half(fd, data):
+        calls.append(fd)
+        if len(calls) != nth:  # the writes: tensor file, README.md, program.json
+            return real(fd, data)
+        real(fd, data[: len(data) // 2])
+        raise error("power cut while writing")
 
-
-def _half_write_text(self, text, *args, **kwargs):
-    with open(self, "w") as f:
-        f.write(text[: len(text) // 2])
-    raise KeyboardInterrupt
+    monkeypatch.setattr(serialize, "_write_all", half)
+    return error
 
 
 @pytest.mark.parametrize("where", ["save_file", "write_text"])
 def test_interrupted_save_leaves_nothing_behind(program, tmp_path, monkeypatch, where):
-    if where == "save_file":
-        monkeypatch.setattr(serialize, "save_file", _half_save_file(serialize.save_file))
-        expected: type[BaseException] = Interrupted
-    else:
-        monkeypatch.setattr(serialize.Path, "write_text", _half_write_text)
-        expected = KeyboardInterrupt
+    expected = _fail_write(monkeypatch, where)
     target = tmp_path / "program"
     with pytest.raises(expected):
         program.save(target)
@@ -751,16 +754,13 @@ def test_failed_overwrite_keeps_the_old_program(program, model, tmp_path, monkey
     old = t.program
     target = tmp_path / "program"
     old.save(target)
-    if where == "save_file":
-        monkeypatch.setattr(serialize, "save_file", _half_save_file(serialize.save_file))
-    elif where == "write_text":
-        monkeypatch.setattr(serialize.Path, "write_text", _half_write_text)
+    if where != "final rename":
+        _fail_write(monkeypatch, where)
     else:
-        real_replace, calls = os.replace, []
+        real_replace = os.replace
 
         def flaky_replace(src, dst):
-            calls.append((src, dst))
-            if len(calls) == 2:  # moving the new program into place
+            if Path(dst).name == "program.json":  # the commit point
                 raise Interrupted("power cut while renaming")
             real_replace(src, dst)
 
@@ -780,7 +780,8 @@ def test_overwrite_replaces_a_saved_program(program, model, tmp_path):
     program.save(target)
     assert iv.Program.load(target) == program
     names = sorted(p.name for p in target.iterdir())
-    assert names == ["README.md", "program.json", "tensors.safetensors"]
+    assert names[:2] == ["README.md", "program.json"] and len(names) == 3
+    assert names[2] == tensor_path(target).name
     assert _leftovers(tmp_path, keep="program") == []
 
 
@@ -898,3 +899,341 @@ def test_nan_arguments_compare_equal_after_loading(model, tmp_path):
     loaded = iv.Program.load(tmp_path / "p")
     assert loaded == t.program
     assert math.isnan(dict(loaded.nodes[1].kwargs)["nan"])
+
+
+# -- hostile and damaged files: bounded loading, errors that name the file and the node ----------
+def _module_program(modules: dict[str, nn.Module]) -> iv.Program:
+    """``x -> m0(x) -> ... -> save``: a program that calls each module in turn."""
+    nodes = [ir_nodes.Node(0, "arg", "x")]
+    for key in modules:
+        call = ir_nodes.Node(len(nodes), "call_module", key, args=(ir_nodes.Ref(len(nodes) - 1),))
+        nodes.append(call)
+    nodes.append(ir_nodes.Node(len(nodes), "save", "y", args=(ir_nodes.Ref(len(nodes) - 1),)))
+    return iv.Program(nodes, 0, modules)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    """A saved program with one small module of each type the hostile specs edit."""
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("small") / "program"
+    _module_program(
+        {
+            "lin": nn.Linear(8, 8),
+            "mean": iv.MeanAblate(torch.randn(8)),
+            "mask": iv.SigmoidMask(8),
+            "rot": iv.RotatedSpace(8, k=2),
+        }
+    ).save(directory)
+    return directory
+
+
+def _spec(key: str, **spec) -> Callable[[Path], None]:
+    return _edit_graph(lambda g: g["modules"][key]["spec"].update(spec))
+
+
+#: Specs whose sizes, unchecked, allocate gigabytes (or compute for minutes) before failing.
+HOSTILE_SPECS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "Linear 40000x40000": (
+        _spec("lin", in_features=40000, out_features=40000),
+        r"module lin: tensor 'weight' has shape \[8, 8\], but its spec gives \[40000, 40000\]",
+    ),
+    "MeanAblate of 1e9": (
+        _spec("mean", mean={"tensor": [10**9], "dtype": "float32"}),
+        r"module mean: tensor 'mean' has shape \[8\], but its spec gives \[1000000000\]",
+    ),
+    "SigmoidMask d=1e9": (
+        _spec("mask", d=10**9),
+        r"module mask: tensor 'logits' has shape \[8\], but its spec gives \[1000000000\]",
+    ),
+    "RotatedSpace d=12000": (
+        _spec("rot", d=12000),
+        r"module rot: tensor 'rotation\.parametrizations\.weight\.original' has shape "
+        r"\[8, 8\], but its spec gives \[12000, 12000\]",
+    ),
+}
+
+_PEAK = """
+import json, resource, sys, time
+import tracevene as iv
+out = {}
+for directory in sys.argv[1:]:
+    start = time.perf_counter()
+    try:
+        iv.Program.load(directory)
+        error = None
+    except iv.ProgramFormatError as e:
+        error = str(e)
+    out[directory] = {"s": time.perf_counter() - start, "error": error,
+                      "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+print(json.dumps(out))
+"""
+
+
+def _load_in_subprocess(*directories: Path) -> dict:
+    """Load each directory in one fresh process: seconds, error, peak RSS after it (KiB)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK, *map(str, directories)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_hostile_specs_fail_fast_without_allocating(small, tmp_path):
+    """Every size in a spec is checked against the file's tensors before anything is built.
+
+    Measured in fresh processes: the peak RSS of loading the valid program and then every
+    hostile one stays within 50 MB of loading the valid program alone, and each hostile
+    load fails with ProgramFormatError in under a second.
+    """
+    hostile = []
+    for i, (damage, _) in enumerate(HOSTILE_SPECS.values()):
+        directory = tmp_path / f"hostile{i}"
+        shutil.copytree(small, directory)
+        damage(directory)
+        hostile.append(directory)
+    baseline = _load_in_subprocess(small)[str(small)]
+    assert baseline["error"] is None
+    runs = _load_in_subprocess(small, *hostile)
+    for directory, (case, (_, message)) in zip(hostile, HOSTILE_SPECS.items(), strict=True):
+        got = runs[str(directory)]
+        assert got["error"] is not None and re.search(message, got["error"]), (case, got)
+        assert got["s"] < 1.0, (case, got)
+        assert got["peak_kb"] - baseline["peak_kb"] < 50 * 1024, (case, got, baseline)
+
+
+def test_modules_are_built_on_the_meta_device_before_the_check(small, tmp_path, monkeypatch):
+    """The check itself allocates nothing: a hostile spec's module never leaves meta."""
+    devices = []
+    real = registry.build
+    monkeypatch.setattr(
+        registry, "build", lambda n, s: devices.append(torch.empty(0).device.type) or real(n, s)
+    )
+    directory = tmp_path / "hostile"
+    shutil.copytree(small, directory)
+    HOSTILE_SPECS["Linear 40000x40000"][0](directory)
+    with pytest.raises(iv.ProgramFormatError, match=r"spec gives \[40000, 40000\]"):
+        iv.Program.load(directory)
+    assert devices == ["meta"]
+
+
+def _nest(depth: int):
+    value: object = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+_DEEP = "[" * 100000 + "]" * 100000
+
+
+def _raw_text(edit: Callable[[str], str]) -> Callable[[Path], None]:
+    def apply(d: Path) -> None:
+        (d / "program.json").write_text(edit((d / "program.json").read_text()))
+
+    return apply
+
+
+def _number(text: str) -> Callable[[Path], None]:
+    """Put ``text`` as a raw JSON number in the getitem node's index."""
+
+    def edit(g: dict) -> None:
+        _first(g, "getitem")["args"][1] = "@NUMBER@"
+
+    def apply(d: Path) -> None:
+        _edit_graph(edit)(d)
+        _raw_text(lambda t: t.replace('"@NUMBER@"', text))(d)
+
+    return apply
+
+
+def _site(name: str) -> Callable[[Path], None]:
+    return _edit_graph(lambda g: _first(g, "read").update(target=name))
+
+
+def _getitem_node(saved: Path) -> int:
+    graph = json.loads((saved / "program.json").read_text())
+    return _first(graph, "getitem")["id"]
+
+
+#: Damage that must be a ProgramFormatError naming program.json and the node (``{node}``:
+#: the getitem node that _set_arg / _number edit; ``{read}``: the first read).
+LOAD_DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
+    "deep JSON": (
+        _raw_text(lambda t: t.replace('"nodes": [', '"nodes": [' + _DEEP + ", ", 1)),
+        r"program\.json nests arrays or objects too deeply for a program",
+    ),
+    "deep arguments (900 levels)": (
+        _edit_graph(_set_arg(_nest(900))),
+        r"program\.json: node {node}: nested deeper than 64 levels",
+    ),
+    "Infinity": (_number("Infinity"), r"program\.json: node {node}: the number Infinity cannot"),
+    "NaN": (_number("NaN"), r"program\.json: node {node}: the number NaN cannot"),
+    "1e400": (_number("1e400"), r"program\.json: node {node}: the number 1e400 cannot"),
+    "integer past the digit limit": (
+        _number("9" * 5000),
+        r"program\.json: node {node}: the number 9{{20}}\.\.\.\(5000 characters\) cannot",
+    ),
+    "integer past 64 bits": (
+        _number(str(2**64)),
+        r"program\.json: node {node}: the number 18446744073709551616 cannot",
+    ),
+    "bad argument names the node": (
+        _edit_graph(_set_arg({"bogus": 1})),
+        r"program\.json: node %{node} \(getitem\): bad argument \{{'bogus': 1\}}",
+    ),
+    "version true": (
+        _edit_graph(lambda g: g.update(version=True)),
+        r"has version True; this tracevene reads version 1",
+    ),
+    "version 1.0": (
+        _edit_graph(lambda g: g.update(version=1.0)),
+        r"has version 1\.0; this tracevene reads version 1",
+    ),
+    "Arabic-Indic digit in a site": (
+        _site("layer.\u0660.resid_post"),
+        r"program\.json: node %{read} \(read\): 'layer\.\u0660\.resid_post' is not a site name",
+    ),
+    "fullwidth digit in a site": (
+        _site("layer.0.attn.head.\uff12.z"),
+        r"node %{read} \(read\): 'layer\.0\.attn\.head\.\uff12\.z' is not a site name",
+    ),
+    "trailing newline in a site": (
+        _site("layer.0.resid_post\n"),
+        r"node %{read} \(read\): 'layer\.0\.resid_post\\n' is not a site name",
+    ),
+    "trailing space in a hook site": (
+        _site("hook:blocks.0.hook_resid_post "),
+        r"node %{read} \(read\): 'hook:blocks\.0\.hook_resid_post ' is not a site name",
+    ),
+    "space in a module site": (
+        _site("module:transformer.h.0 :output"),
+        r"node %{read} \(read\): 'module:transformer\.h\.0 :output' is not a site name",
+    ),
+    "operator.mul of a string": (
+        _edit_graph(
+            lambda g: _first(g, "call_function").update(
+                target="operator.mul", args=["ab", 500000000], kwargs={}
+            )
+        ),
+        r"program\.json: node %\d+ \(call_function\): operator\.mul takes tensors and numbers, "
+        r"got the constant 'ab'",
+    ),
+    "operator.add of lists": (
+        _edit_graph(
+            lambda g: _first(g, "call_function").update(
+                target="operator.add", args=[[1], {"tuple": [2]}], kwargs={}
+            )
+        ),
+        r"operator\.add takes tensors and numbers, got the constant \[1\]",
+    ),
+    "method called on a constant": (
+        _edit_graph(
+            lambda g: _first(g, "call_method").update(target="__mul__", args=["ab", 500000000])
+        ),
+        r"program\.json: node %\d+ \(call_method\): tensor method '__mul__' must be called on "
+        r"a computed value \(a ref\), got 'ab'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(LOAD_DAMAGE))
+def test_damaged_json_raises_program_format_error_naming_file_and_node(saved, tmp_path, case):
+    damage, message = LOAD_DAMAGE[case]
+    graph = json.loads((saved / "program.json").read_text())
+    message = message.format(node=_getitem_node(saved), read=_first(graph, "read")["id"])
+    directory = tmp_path / "damaged"
+    shutil.copytree(saved, directory)
+    damage(directory)
+    with pytest.raises(iv.ProgramFormatError, match=message):
+        iv.Program.load(directory)
+
+
+def test_site_grammar_takes_ascii_digits_only():
+    from tracevene.sites.vocab import parse
+
+    assert parse("layer.10.attn.head.3.z").head == 3
+    assert parse("hook:blocks.0.hook_resid_post").key == "blocks.0.hook_resid_post"
+    assert parse("module:transformer.h.0:output").key == "transformer.h.0"
+    for bad in ("layer.\u0661.resid_pre", "layer.0.resid_pre\n", "hook:a b", "hook:", "hook:x\n"):
+        with pytest.raises(iv.SiteError):
+            parse(bad)
+
+
+# -- dtypes survive saving ----------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_module_dtypes_survive_saving(tmp_path, dtype):
+    torch.manual_seed(0)
+    modules = {
+        "lin": nn.Linear(8, 8).to(dtype),
+        "rot": iv.RotatedSpace(8, k=2).to(dtype),
+        "add": iv.Add(torch.randn(8, dtype=dtype), scale=2.0),
+        "shift": Shift(8, init=0.5).to(dtype),
+    }
+    program = _module_program(modules)
+    program.save(tmp_path / "p")
+    loaded = iv.Program.load(tmp_path / "p")
+    x, source = torch.randn(3, 8, dtype=dtype), torch.randn(3, 8, dtype=dtype)
+    for key, module in modules.items():
+        again = loaded.modules[key]
+        assert again.state_dict().keys() == module.state_dict().keys()
+        for name, value in module.state_dict().items():
+            assert again.state_dict()[name].dtype == value.dtype, (key, name)
+            assert torch.equal(again.state_dict()[name], value), (key, name)
+        args = (x, source) if key == "rot" else (x,)
+        out, out_again = module(*args), again(*args)
+        assert out_again.dtype == out.dtype and torch.equal(out_again, out), key
+    assert loaded.modules["shift"].count.dtype == torch.int64  # an integer buffer as it was
+
+
+def test_integer_bool_and_complex_constants_survive_saving(tmp_path):
+    tensors = {
+        "i": torch.arange(4, dtype=torch.int32),
+        "b": torch.tensor([True, False]),
+        "c": torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64),
+        "u": torch.arange(3, dtype=torch.uint8),
+    }
+    nodes = [ir_nodes.Node(i, "const", k) for i, k in enumerate(tensors)]
+    nodes += [ir_nodes.Node(len(nodes) + i, "save", k, args=(ir_nodes.Ref(i),))
+              for i, k in enumerate(tensors)]  # fmt: skip
+    iv.Program(nodes, 0, {}, tensors).save(tmp_path / "p")
+    loaded = iv.Program.load(tmp_path / "p")
+    for key, value in tensors.items():
+        assert loaded.tensors[key].dtype == value.dtype and torch.equal(loaded.tensors[key], value)
+
+
+@iv.register("test_serialize.Tied")
+class Tied(nn.Module):
+    """One weight under two names, a non-persistent buffer, and a value read with .item()."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.d = d
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+        self.b.weight = self.a.weight
+        self.register_buffer("scale", torch.full((d,), 2.0), persistent=False)
+        self.total = float(self.scale.sum().item())  # cannot run on the meta device
+
+    def spec(self) -> dict:
+        return {"d": self.d}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> Tied:
+        return cls(**spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x)) * self.scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_user_modules_with_ties_and_non_persistent_buffers_load_whole(tmp_path, dtype):
+    torch.manual_seed(0)
+    module = Tied(4).to(dtype)
+    _module_program({"m": module}).save(tmp_path / "p")
+    loaded = iv.Program.load(tmp_path / "p").modules["m"]
+    assert loaded.a.weight is loaded.b.weight and loaded.a.weight.dtype == dtype
+    assert torch.equal(loaded.scale, torch.full((4,), 2.0, dtype=dtype)) and loaded.total == 8.0
+    x = torch.randn(2, 4, dtype=dtype)
+    assert torch.equal(loaded(x), module(x))

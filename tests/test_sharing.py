@@ -141,7 +141,19 @@ def saved(trained, tmp_path_factory) -> Path:
 
 
 def files(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir())
+    """The names in ``directory``, with the tensor file's hash written as ``<hash>``."""
+    return sorted(
+        re.sub(r"^tensors\.[0-9a-f]{16}\.", "tensors.<hash>.", p.name) for p in directory.iterdir()
+    )
+
+
+def tensor_path(directory: Path) -> Path:
+    """The tensor file ``program.json`` names."""
+    graph = json.loads((directory / "program.json").read_text())
+    return directory / graph["tensor_file"]["name"]
+
+
+SAVED_FILES = ["README.md", "program.json", "tensors.<hash>.safetensors"]
 
 
 def assert_same_state(a: iv.Program, b: iv.Program) -> None:
@@ -159,7 +171,7 @@ def test_training_changed_the_trained_parameters(trained):
 
 
 def test_save_writes_a_model_card_with_hub_metadata(trained, saved):
-    assert files(saved) == ["README.md", "program.json", "tensors.safetensors"]
+    assert files(saved) == SAVED_FILES
     assert metadata_load(saved / "README.md") == {
         "library_name": "tracevene",
         "tags": ["tracevene", "interventions"],
@@ -230,7 +242,7 @@ def test_save_replaces_a_saved_program_with_its_card(trained, model, tmp_path):
     target = tmp_path / "program"
     t.program.save(target)
     trained.save(target)
-    assert files(target) == ["README.md", "program.json", "tensors.safetensors"]
+    assert files(target) == SAVED_FILES
     assert str(trained) in (target / "README.md").read_text()
     assert_same_state(iv.Program.load(target), trained)
     assert files(tmp_path) == ["program"]
@@ -303,7 +315,7 @@ def test_push_to_hub_uploads_a_directory_that_loads_with_the_same_numbers(
     ]
     assert not api.folder_path.exists()  # the temporary directory is gone
     copy = fake_hub.store / "alice" / "das-layer1"
-    assert files(copy) == ["README.md", "program.json", "tensors.safetensors"]
+    assert files(copy) == SAVED_FILES
     card = (copy / "README.md").read_text()
     assert "program = iv.Program.load('alice/das-layer1')  # from the hub" in card
     loaded = iv.Program.load(copy)
@@ -493,9 +505,9 @@ def _edit_graph(fn: Callable[[dict], None]) -> Callable[[Path], None]:
 
 def _edit_tensors(fn: Callable[[dict], None]) -> Callable[[Path], None]:
     def apply(d: Path) -> None:
-        blobs = load_file(d / "tensors.safetensors")
+        blobs = load_file(tensor_path(d))
         fn(blobs)
-        save_file(blobs, d / "tensors.safetensors")
+        save_file(blobs, tensor_path(d))
 
     return apply
 
@@ -513,8 +525,8 @@ def _module(key: str, fn: Callable[[dict], None]) -> Callable[[Path], None]:
 
 
 def _truncate(d: Path) -> None:
-    data = (d / "tensors.safetensors").read_bytes()
-    (d / "tensors.safetensors").write_bytes(data[: len(data) // 2])
+    data = tensor_path(d).read_bytes()
+    tensor_path(d).write_bytes(data[: len(data) // 2])
 
 
 def _spec(**changes) -> Callable[[dict], None]:
@@ -593,7 +605,8 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
     ),
     "truncated tensors file": (
         _truncate,
-        r"tensors\.safetensors is damaged or truncated \(.+\); its tensors cannot be read\. "
+        r"tensors\.[0-9a-f]{16}\.safetensors is damaged or truncated \(.+\); "
+        r"its tensors cannot be read\. "
         r"Copy or download the whole directory again, or save the program again\.",
     ),
     "d changed in the rotation's spec": (
@@ -695,35 +708,27 @@ class Interrupted(Exception):
     pass
 
 
-def _half_save_file(real):
-    def fake(tensors, filename, *args, **kwargs):
-        real(tensors, filename, *args, **kwargs)
-        data = Path(filename).read_bytes()
-        Path(filename).write_bytes(data[: len(data) // 2])
-        raise Interrupted("power cut while writing tensors")
+def _failing_write(monkeypatch, name: str) -> None:
+    """The write of file ``name`` (or of the tensor file) stops half way."""
+    real_atomic, real_all = serialize._write_atomic, serialize._write_all
 
-    return fake
-
-
-def _failing_write(name: str):
-    real = Path.write_text
-
-    def fake(self, text, *args, **kwargs):
-        if self.name != name:
-            return real(self, text, *args, **kwargs)
-        with open(self, "w") as f:
-            f.write(text[: len(text) // 2])
+    def half(fd, data):
+        real_all(fd, data[: len(data) // 2])
         raise Interrupted(f"power cut while writing {name}")
 
-    return fake
+    def atomic(path, data):
+        hit = path.name == name or (name == "tensors" and path.name.startswith("tensors."))
+        monkeypatch.setattr(serialize, "_write_all", half if hit else real_all)
+        real_atomic(path, data)
+
+    monkeypatch.setattr(serialize, "_write_atomic", atomic)
 
 
 def _flaky_final_rename(monkeypatch) -> None:
-    real_replace, calls = os.replace, []
+    real_replace = os.replace
 
     def flaky(src, dst):
-        calls.append((src, dst))
-        if len(calls) == 2:  # moving the new program into place
+        if Path(dst).name == "program.json":  # the commit point
             raise Interrupted("power cut while renaming")
         real_replace(src, dst)
 
@@ -731,12 +736,10 @@ def _flaky_final_rename(monkeypatch) -> None:
 
 
 def _interrupt(monkeypatch, where: str) -> None:
-    if where == "tensors":
-        monkeypatch.setattr(serialize, "save_file", _half_save_file(serialize.save_file))
-    elif where == "final rename":
+    if where == "final rename":
         _flaky_final_rename(monkeypatch)
     else:
-        monkeypatch.setattr(serialize.Path, "write_text", _failing_write(where))
+        _failing_write(monkeypatch, where)
 
 
 def _loads(directory: Path) -> bool:
@@ -767,11 +770,11 @@ def test_failed_overwrite_keeps_the_old_trained_program_and_card(
     old = build(model, user)  # untrained: other weights, same graph
     target = tmp_path / "program"
     old.save(target)
-    before = {name: (target / name).read_bytes() for name in files(target)}
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
     _interrupt(monkeypatch, where)
     with pytest.raises(Interrupted):
         trained.save(target)
     monkeypatch.undo()
-    assert {name: (target / name).read_bytes() for name in files(target)} == before
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert_same_state(iv.Program.load(target), old)
     assert files(tmp_path) == ["program"]

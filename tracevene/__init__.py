@@ -15,6 +15,9 @@ from .errors import (
     BackendError as BackendError,
 )
 from .errors import (
+    DiskFullError as DiskFullError,
+)
+from .errors import (
     ExecutionError as ExecutionError,
 )
 from .errors import (

@@ -15,6 +15,7 @@ __all__ = [
     "MissingKeyError",
     "MissingFileError",
     "PathExistsError",
+    "DiskFullError",
     "MissingDependencyError",
     "TraceError",
     "SiteError",
@@ -56,6 +57,13 @@ class PathExistsError(TraceveneError, FileExistsError):
 
     Also a ``FileExistsError``: ``program.save(directory)`` refuses to replace a
     directory (or file) that is not an earlier saved program.
+    """
+
+
+class DiskFullError(TraceveneError, OSError):
+    """A save ran out of disk space (also an ``OSError`` with ``errno.ENOSPC``).
+
+    The earlier saved program at the path, if any, is left intact.
     """
 
 

@@ -108,6 +108,12 @@ def describe(module: nn.Module) -> tuple[str, dict]:
     )
 
 
+def lookup(name: Any) -> type | None:
+    """The class registered under ``name``, or ``None``."""
+    entry = _REGISTRY.get(name) if isinstance(name, str) else None
+    return None if entry is None else entry[0]
+
+
 def build(name: str, spec: dict) -> nn.Module:
     """A new module of registered type ``name`` from its spec.
 

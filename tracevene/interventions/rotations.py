@@ -70,7 +70,10 @@ class Rotation(nn.Module):
     def __init__(self, start: Tensor, parametrization: nn.Module):
         super().__init__()
         self.weight = start if isinstance(start, nn.Parameter) else nn.Parameter(start)
-        parametrize.register_parametrization(self, "weight", parametrization)
+        # On the meta device (loading checks a spec's sizes before building for real)
+        # skip the trial evaluation: meta kernels of tril / solve would import torch._refs.
+        unsafe = start.is_meta
+        parametrize.register_parametrization(self, "weight", parametrization, unsafe=unsafe)
 
     def __deepcopy__(self, memo: dict) -> Rotation:
         if id(self) in memo:

@@ -56,8 +56,8 @@ _INPLACE_DUNDERS = frozenset(
 ) | {"__delitem__"}  # fmt: skip
 # Attributes of tensors themselves (dir() leaves out the metaclass: no __call__, mro, ...).
 _TENSOR_ATTRS = frozenset(dir(torch.Tensor))
-# operator.* functions a program may call (also as __name__ dunders): pure, out-of-place.
-_OPERATORS = frozenset(
+#: operator.* functions a program may call (also as __name__ dunders): pure, out-of-place.
+OPERATORS = frozenset(
     {"abs", "add", "and", "eq", "floordiv", "ge", "getitem", "gt", "index", "inv", "invert",
      "le", "lshift", "lt", "matmul", "mod", "mul", "ne", "neg", "not", "or", "pos", "pow",
      "rshift", "sub", "truediv", "truth", "xor"}
@@ -79,7 +79,7 @@ def _allowed_function(namespace: str, attr: str, fn: Any) -> bool:
     if not isinstance(fn, (types.FunctionType, types.BuiltinFunctionType)):
         return False  # classes (file readers, compilers, storages), typing forms, ...
     if namespace == "operator":
-        return attr.strip("_") in _OPERATORS  # not attrgetter / call / methodcaller / iadd
+        return attr.strip("_") in OPERATORS  # not attrgetter / call / methodcaller / iadd
     return not attr.startswith(("_", "set_")) and attr not in _DENIED_FUNCTIONS
 
 

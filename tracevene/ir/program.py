@@ -119,6 +119,12 @@ class Program:
     ) -> Result:
         """Run the program on ``model``.
 
+        Thread-safe: runs on one model are serialised by a re-entrant lock of
+        ``model.module``, held for the whole run (hooks, the attention switch of
+        ``attn.pattern`` reads), so concurrent runs from several threads each give
+        their single-threaded numbers and leave the model as it was; a run nested in
+        another on the same thread does not wait (see docs/backends.md, Threads).
+
         Args:
             model: An ``iv.Model`` (or a module, wrapped as by ``iv.wrap``).
             base: Inputs of the base run (token ids, a dict, text, or a module's input).
@@ -128,7 +134,8 @@ class Program:
             forward_kwargs: Extra keyword arguments for every forward call.
             source_cache: An ``iv.SourceCache`` shared by runs over recurring
                 sources: a source pass that only reads clean activations is served from
-                it when its inputs (and placeholders) were seen before.
+                it when the same pass (same reads and computations, same model weights,
+                same inputs and placeholders) was seen before, whatever program ran it.
             **args: Values of the placeholders (``t.arg(name)``).
 
         Returns:
@@ -197,11 +204,13 @@ class Program:
 
     # -- files ---------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
-        """Save as ``program.json`` + ``tensors.safetensors`` + ``README.md`` (atomic, no pickle).
+        """Save as ``program.json`` + a tensor file + ``README.md`` (atomic, no pickle).
 
         ``README.md`` is a model card: Hugging Face metadata and a description of the
         program (listing, runs, placeholders, modules, how to load it). Loading
-        ignores it. An existing directory is replaced only if it holds a saved program.
+        ignores it; notes below its last line (a marker comment) survive a re-save. An
+        existing directory is replaced only if it holds a saved program: the path holds
+        the old program or the new one at every instant, even if the save is killed.
 
         Args:
             directory: The directory to write.
@@ -210,6 +219,8 @@ class Program:
             RegistryError: The program calls a module whose class is not registered.
             PathExistsError: ``directory`` exists and holds something else (also a
                 ``FileExistsError``).
+            DiskFullError: The disk is full (also an ``OSError``); an earlier program
+                at ``directory`` is intact.
         """
         from .serialize import save_program
 
@@ -257,6 +268,7 @@ class Program:
                 repo_id=getattr(repo, "repo_id", None) or repo_id,
                 folder_path=directory,
                 commit_message=commit_message,
+                delete_patterns=["tensors*.safetensors"],  # an earlier push's tensor file
             )
         return str(getattr(info, "commit_url", None) or repo)
 
@@ -273,7 +285,7 @@ class Program:
 
         An existing directory is loaded as it is. Otherwise a string ``"owner/name"``
         is a Hugging Face hub model repository: its ``program.json`` and
-        ``tensors.safetensors`` are fetched with ``huggingface_hub.snapshot_download``
+        tensor file are fetched with ``huggingface_hub.snapshot_download``
         (into the hub cache, ``HF_HUB_CACHE``), or only looked up there when
         ``HF_HUB_OFFLINE=1``.
 
@@ -374,7 +386,7 @@ def _download(repo_id: str, revision: str | None, cache_dir: Any, token: str | N
             revision=revision,
             cache_dir=cache_dir,
             token=token,
-            allow_patterns=[GRAPH_FILE, TENSOR_FILE],
+            allow_patterns=[GRAPH_FILE, TENSOR_FILE, "tensors.*.safetensors"],
             local_files_only=_offline(hub),
         )
     except OSError as e:

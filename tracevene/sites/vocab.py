@@ -32,10 +32,15 @@ CHILDREN: dict[str, tuple[str, ...]] = {
     "mlp": MLP_SITES,
 }
 
+# [0-9], not \d (which takes Arabic-Indic and fullwidth digits); fullmatch, not $
+# (which also matches before a final newline).
 _LAYER_RE = re.compile(
-    r"^layer\.(\d+)\.(resid_pre|resid_mid|resid_post|mlp\.(hidden|out)"
-    r"|attn\.(q|k|v|z|pattern|out)|attn\.head\.(\d+)\.(q|k|v|z|pattern|out))$"
+    r"layer\.([0-9]+)\.(resid_pre|resid_mid|resid_post|mlp\.(hidden|out)"
+    r"|attn\.(q|k|v|z|pattern|out)|attn\.head\.([0-9]+)\.(q|k|v|z|pattern|out))"
 )
+# Module paths and hook names: no whitespace, and a module path has no ":".
+_MODULE_RE = re.compile(r"module:([^:\s]*):(input|output)")
+_HOOK_RE = re.compile(r"hook:(\S+)")
 
 
 @dataclass(frozen=True)
@@ -71,18 +76,18 @@ def parse(name: str) -> Site:
     """
     if name in TOP_SITES:
         return Site(name, "top", name)
-    m = _LAYER_RE.match(name)
+    m = _LAYER_RE.fullmatch(name) if isinstance(name, str) else None
     if m:
         layer, rest = int(m.group(1)), name.split(".", 2)[2]
         if m.group(5) is not None:
             return Site(name, "layer", "attn." + m.group(6), layer, int(m.group(5)))
         return Site(name, "layer", rest, layer)
-    if name.startswith("module:") and name.count(":") == 2:
-        _, path, io = name.split(":")
-        if io in ("input", "output"):
-            return Site(name, "module", path, io=io)
-    if name.startswith("hook:") and len(name) > 5:
-        return Site(name, "hook", name[5:])
+    m = _MODULE_RE.fullmatch(name) if isinstance(name, str) else None
+    if m:
+        return Site(name, "module", m.group(1), io=m.group(2))
+    m = _HOOK_RE.fullmatch(name) if isinstance(name, str) else None
+    if m:
+        return Site(name, "hook", m.group(1))
     raise SiteError(
         f"{name!r} is not a site name; valid forms are embed, final, logits, "
         "layer.{i}.resid_pre, layer.{i}.attn.q, layer.{i}.attn.head.{h}.z, layer.{i}.mlp.out, "
