@@ -112,3 +112,57 @@ def test_training_with_cached_sources_equals_training_without():
     (loss_a, state_a), (loss_b, state_b) = runs
     assert loss_a == loss_b
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def _varied_program(model, i):
+    """Program ``i`` of a family whose source passes differ in site, layer, position and
+    what they compute, and whose base writes differ in value."""
+    site = ("resid_post", "resid_pre", "mlp.out", "attn.out")[i % 4]
+    layer, pos, scale = i % 3, (i // 4) % 5, 1.0 + (i % 7) / 4
+
+    def at(run):
+        out = run.layer[layer]
+        for part in site.split("."):
+            out = getattr(out, part)
+        return out
+
+    with iv.trace(model) as t:
+        src = t.source()
+        at(t)[:, pos] = at(src)[:, pos] * scale + 0.1 * (i % 5)
+        t.logits.save("logits")
+    return t.program
+
+
+def test_one_cache_shared_by_many_short_lived_programs_gives_right_answers():
+    """Entries are keyed by what the source pass reads and computes, not by ``id``.
+
+    Each program is dropped before the next is built, so ids are reused; programs
+    ``150..299`` rebuild ``0..149`` (new objects, same content) and must hit.
+    """
+    model = iv.wrap(models.gpt2(), backend="torch")
+    base, source = torch.randint(0, 97, (2, 6)), torch.randint(0, 97, (2, 6))
+    cache = iv.SourceCache()
+    plain: dict[int, torch.Tensor] = {}
+    wrong = 0
+    for i in range(300):
+        program = _varied_program(model, i % 150)
+        cached = program.run(model, base, [source], source_cache=cache)["logits"]
+        if i < 150:
+            plain[i] = program.run(model, base, [source])["logits"]
+        wrong += not torch.equal(cached, plain[i % 150])
+        del program, cached
+    assert wrong == 0
+    assert (cache.hits, cache.misses) == (150, 150)
+
+
+def test_cache_misses_after_the_model_changes():
+    model = iv.wrap(models.gpt2(), backend="torch")
+    base, source = torch.randint(0, 97, (2, 6)), torch.randint(0, 97, (2, 6))
+    program = _varied_program(model, 0)
+    cache = iv.SourceCache()
+    program.run(model, base, [source], source_cache=cache)
+    with torch.no_grad():
+        model.module.transformer.h[0].mlp.c_fc.weight.mul_(2.0)  # in place: a new version
+    cached = program.run(model, base, [source], source_cache=cache)["logits"]
+    assert torch.equal(cached, program.run(model, base, [source])["logits"])
+    assert (cache.hits, cache.misses) == (0, 2)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .backends.base import module_lock
 from .backends.inputs import position_ids, tokenize
 from .errors import ArgumentError, ArgumentTypeError, BackendError, TraceveneError, closest
 from .ir.program import Program
@@ -356,10 +357,14 @@ def _at_step(e: Exception, step: int, length: int) -> Exception:
 
 
 def _run_plain(model: Model, kwargs: dict[str, Any]) -> Any:
-    """One forward pass without the program."""
-    if model.backend.name == "transformer_lens":
-        return model.resolver.hf_module(**kwargs)  # the bridged HF model, no hooks
-    return model.module(**kwargs)
+    """One forward pass without the program, under the model's lock.
+
+    Holding the lock keeps other threads' runs (and their hooks) off the model meanwhile.
+    """
+    with module_lock(model.module):
+        if model.backend.name == "transformer_lens":
+            return model.resolver.hf_module(**kwargs)  # the bridged HF model, no hooks
+        return model.module(**kwargs)
 
 
 def _next_token(logits: Tensor, pick: Sampler, done: Tensor, eos_token_id: int | None) -> Tensor:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -83,7 +85,26 @@ class Backend(ABC):
         schedule: str,
         source_cache: SourceCache | None = None,
     ) -> Result:
-        """Run ``program`` with ``inputs[0]`` as the base and the rest as sources."""
+        """Run ``program`` with ``inputs[0]`` as the base and the rest as sources.
+
+        Runs on one module are serialised: the whole run (hooks installed and removed,
+        the attention-implementation switch, parameters frozen for autograd) holds
+        ``module_lock(model.module)``, so concurrent runs from several threads wait for
+        each other, and a run nested in another on the same thread does not deadlock.
+        """
+        with module_lock(model.module):
+            return self._run(model, program, inputs, args, forward_kwargs, schedule, source_cache)
+
+    def _run(
+        self,
+        model: Model,
+        program: Program,
+        inputs: Sequence[Any],
+        args: Mapping[str, Any],
+        forward_kwargs: dict[str, Any],
+        schedule: str,
+        source_cache: SourceCache | None,
+    ) -> Result:
         self.check_program(model, program)
         calls = [self.to_call(model, x, forward_kwargs) for x in inputs]
         check_padding(program, calls)
@@ -116,7 +137,7 @@ class Backend(ABC):
         self, model: Model, p: Pass, calls: list[Call], env: Env, cache: SourceCache
     ) -> None:
         """Serve a clean source pass from ``cache``, or run it and keep what it hands on."""
-        key = pass_key(id(env.program), p, calls, env.args)
+        key = pass_key(model, p, calls, env.values, env.program.nodes)
         if key in cache.entries:
             cache.hits += 1
             env.values.update(cache.entries[key])
@@ -124,6 +145,24 @@ class Backend(ABC):
         cache.misses += 1
         self.run_pass(model, p, calls, env)
         cache.entries[key] = {i: compact(env.values[i]) for i in handed_on(p, env.program.nodes)}
+
+
+_locks: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_locks_guard = threading.Lock()
+
+
+def module_lock(module: nn.Module) -> threading.RLock:
+    """The re-entrant lock that serialises tracevene's runs on ``module``.
+
+    Every program run holds it from before its first hook is installed until after
+    the last is removed; hold it around anything else that runs ``module`` and must
+    not see another thread's hooks (``with module_lock(model.module): ...``).
+    """
+    with _locks_guard:
+        lock = _locks.get(module)
+        if lock is None:
+            lock = _locks[module] = threading.RLock()
+        return lock
 
 
 def run_mode(schedule: str, device: torch.device) -> str:

@@ -8,6 +8,7 @@ outlives a run, whatever is raised inside it.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -138,6 +139,9 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 
 
 _registered = False
+#: id(config) -> [config, its own _attn_implementation, passes using the switch]
+_switched: dict[int, list] = {}
+_switch_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -145,7 +149,10 @@ def pattern_attention(root: nn.Module | None, active: bool) -> Iterator[None]:
     """Route the attention of the HF models inside ``root`` through ``_attention``.
 
     Switches every Hugging Face config found on ``root``'s modules for the duration of
-    one pass, and restores them whatever happens.
+    one pass, and restores them whatever happens. Passes that overlap (runs on one
+    module are serialised by ``base.module_lock``, but two wrapped modules may share
+    a config) count their uses: the first saves the config's own value, the last puts
+    it back, so a config is never left switched.
     """
     global _registered
     if not active or root is None:
@@ -154,17 +161,25 @@ def pattern_attention(root: nn.Module | None, active: bool) -> Iterator[None]:
     from transformers import AttentionInterface, AttentionMaskInterface, PretrainedConfig
     from transformers.masking_utils import eager_mask
 
-    if not _registered:
-        AttentionInterface.register(ATTENTION_NAME, _attention)
-        AttentionMaskInterface.register(ATTENTION_NAME, eager_mask)
-        _registered = True
     found = (getattr(m, "config", None) for m in root.modules())
     configs = {id(c): c for c in found if isinstance(c, PretrainedConfig)}
-    saved = {k: c._attn_implementation for k, c in configs.items()}
-    try:
-        for c in configs.values():
+    with _switch_lock:
+        if not _registered:
+            AttentionInterface.register(ATTENTION_NAME, _attention)
+            AttentionMaskInterface.register(ATTENTION_NAME, eager_mask)
+            _registered = True
+        for k, c in configs.items():
+            if k not in _switched:
+                _switched[k] = [c, c._attn_implementation, 0]
+            _switched[k][2] += 1
             c._attn_implementation = ATTENTION_NAME
+    try:
         yield
     finally:
-        for k, c in configs.items():
-            c._attn_implementation = saved[k]
+        with _switch_lock:
+            for k in configs:
+                entry = _switched[k]
+                entry[2] -= 1
+                if entry[2] == 0:
+                    entry[0]._attn_implementation = entry[1]
+                    del _switched[k]

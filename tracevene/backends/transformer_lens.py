@@ -80,7 +80,7 @@ from ..ir.program import Program
 from ..sites.arch import find_arch
 from ..sites.bind import Binding, Ctx, check_range, offered
 from ..sites.vocab import Site, display, parse
-from .base import Backend
+from .base import Backend, module_lock
 from .events import PassRun, Stop
 from .inputs import Call, batch_size, can_batch, concat, slice_output, with_position_ids
 from .interpret import Env
@@ -531,10 +531,14 @@ class LensResolver:
         key = tuple(getattr(self.engine.cfg, flag, None) for _, flag in GATES)
         if self._probed == key:
             return
-        self._order, self._counts = self._probe()
-        self._probed = key
-        self._cache.clear()
-        self._read_only.clear()
+        # the engine's run lock: no other thread's run sees (or fires) the probe's hooks
+        with module_lock(self.engine):
+            if self._probed == key:
+                return
+            self._order, self._counts = self._probe()
+            self._probed = key
+            self._cache.clear()
+            self._read_only.clear()
 
     def _probe(self) -> tuple[dict[tuple[str, str], int], Counter]:
         """Run two tokens through the engine, noting when every hook point and module runs."""

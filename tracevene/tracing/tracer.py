@@ -441,6 +441,10 @@ class trace:  # noqa: N801 - used as a function: iv.trace(model, ...)
     ``t.logits[torch.arange(batch), iv.last_token_positions(inputs)]``; a read or
     write at a negative position of a right-padded run raises ``ExecutionError``.
 
+    Runs on one model are serialised across threads (a re-entrant lock per module,
+    see the Threads section of the backends page): several threads may trace one
+    model, each gets its own numbers, and the model is left as it was.
+
     Args:
         model: An ``iv.Model``, or any ``nn.Module`` (wrapped on the torch
             backend).
