@@ -1204,6 +1204,18 @@ def test_integer_bool_and_complex_constants_survive_saving(tmp_path):
         assert loaded.tensors[key].dtype == value.dtype and torch.equal(loaded.tensors[key], value)
 
 
+def test_a_dtype_safetensors_cannot_store_is_refused_before_writing(tmp_path):
+    nodes = [ir_nodes.Node(0, "const", "z"), ir_nodes.Node(1, "save", "z", args=(ir_nodes.Ref(0),))]
+    program = iv.Program(nodes, 0, {}, {"z": torch.tensor([1 + 2j], dtype=torch.complex128)})
+    with pytest.raises(
+        iv.ArgumentError,
+        match=r"cannot save 'const/z' \(torch\.complex128\): safetensors stores no such dtype"
+        r".*complex128 -> complex64.*nothing was written",
+    ):
+        program.save(tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+
+
 @iv.register("test_serialize.Tied")
 class Tied(nn.Module):
     """One weight under two names, a non-persistent buffer, and a value read with .item()."""

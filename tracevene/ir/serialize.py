@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -26,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from ..errors import DiskFullError, PathExistsError, ProgramFormatError
+from ..errors import ArgumentError, DiskFullError, PathExistsError, ProgramFormatError
 from ..interventions import registry
 from ..sites.vocab import display
 from .nodes import OPERATORS, Node, Ref
@@ -252,10 +253,33 @@ def _to_files(program: Program) -> tuple[dict, dict[str, torch.Tensor]]:
         "modules": modules,
         "tensors": _manifest(program.tensors),
     }
+    _check_storable(tensors)
     # clone: safetensors refuses tensors that share memory (x and x[0], tied weights)
     blobs = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
              for k, v in tensors.items()}  # fmt: skip
     return graph, blobs
+
+
+def _check_storable(tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse, before anything is written, tensors whose dtype safetensors cannot store."""
+    bad = {k: str(v.dtype) for k, v in tensors.items() if not _storable(v.dtype)}
+    if bad:
+        listed = ", ".join(f"{k!r} ({d})" for k, d in bad.items())
+        raise ArgumentError(
+            f"cannot save {listed}: safetensors stores no such dtype, so the program could "
+            "not be loaded as it was. Convert the tensor to a dtype it stores (for example "
+            "complex128 -> complex64, or keep real and imaginary parts as float64) and save "
+            "again; nothing was written."
+        )
+
+
+@functools.cache
+def _storable(dtype: torch.dtype) -> bool:
+    try:
+        safetensors_save({"x": torch.zeros(1, dtype=dtype)})
+    except (KeyError, ValueError, TypeError, SafetensorError):
+        return False
+    return True
 
 
 def _commit(directory: Path, graph: dict, data: bytes, card: str) -> None:
