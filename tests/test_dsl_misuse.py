@@ -106,3 +106,28 @@ def test_vocabulary_site_on_a_bare_module_explains_module_sites():
     with iv.trace(torch.nn.Linear(4, 4), torch.randn(2, 4)) as t:
         out = t.module("").output.save()
     assert out.value.shape == (2, 4)
+
+
+def test_string_placeholder_of_program_run_is_refused(model):
+    with iv.trace(model) as t:
+        t.layer[0].mlp.out[:] = t.arg("v")
+    with pytest.raises(iv.ArgumentError, match=r"placeholder 'v' is bound to the string 'a'"):
+        t.program.run(model, models.tokens(), v="a")
+
+
+class Words(torch.nn.Module):
+    """A module that returns a string, not a tensor."""
+
+    def forward(self, x):
+        return "not a tensor"
+
+
+def test_a_module_returning_a_string_cannot_be_written(model):
+    words = Words()
+    with pytest.raises(
+        iv.ExecutionError,
+        match=r"line test_dsl_misuse\.py:\d+: cannot write a str \('not a tensor'\) to "
+        r"base\.layer\[0\]\.mlp\.out: a site takes a tensor or a number",
+    ):
+        with iv.trace(model, models.tokens()) as t:
+            t.layer[0].mlp.out = words(t.layer[0].mlp.out)

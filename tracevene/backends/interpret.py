@@ -143,6 +143,13 @@ def _rows(x: Tensor, rows: slice) -> Tensor:
 
 
 def _assign(site: Tensor, index: Any, value: Any, node: Node) -> Tensor:
+    if not isinstance(value, (Tensor, int, float, bool)):
+        where = f"{run_name(node.run)}.{display(node.target)}{format_index(index)}"
+        raise ExecutionError(
+            f"line {node.loc}: cannot write a {type(value).__name__} ({value!r:.40}) to "
+            f"{where}: a site takes a tensor or a number. The value comes from a module "
+            "or function of the program: make it return a tensor."
+        )
     if not isinstance(value, Tensor):
         value = torch.as_tensor(value, dtype=site.dtype, device=site.device)
     target = site if index == () else site[index]

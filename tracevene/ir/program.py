@@ -156,6 +156,13 @@ class Program:
                 f"placeholders: program needs {self.args or 'none'}; missing {missing}, "
                 f"unexpected {extra}. Pass them as program.run(..., name=value)."
             )
+        text = [k for k, v in args.items() if isinstance(v, (str, bytes))]
+        if text:
+            raise ArgumentError(
+                f"placeholder {text[0]!r} is bound to the string {args[text[0]]!r}; "
+                "placeholders take tensors and numbers (a position index, a scale), so "
+                "bind it to one of those."
+            )
         return model.backend.run(
             model,
             self,
