@@ -347,7 +347,9 @@ def _runner(  # noqa: ANN202
     def run(batch: Mapping[str, Any]) -> Result:
         base, sources, args = _unpack(program, batch)
         if reads_last:
-            _check_last_position(model, base)
+            if model.tokenizer is not None:
+                base = tokenize(model, base)  # once: the run takes the tokenized batch
+            _check_last_position(base)
         return program.run(model, base, sources, schedule=schedule, source_cache=cache,
                            forward_kwargs=forward_kwargs, **args)  # fmt: skip
 
@@ -394,9 +396,8 @@ def _unpack(program: Program, batch: Any) -> tuple[Any, list[Any], dict[str, Any
     return batch["base"], sources, {a: batch[a] for a in program.args}
 
 
-def _check_last_position(model: Model, base: Any) -> None:
+def _check_last_position(inputs: Any) -> None:
     """Refuse a right-padded base: position -1 of its shorter prompts is padding."""
-    inputs = tokenize(model, base) if model.tokenizer is not None else base
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
     mask = None if mask is None else torch.as_tensor(mask)
     if mask is None or mask.dim() != 2:
