@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 import tracevene as iv
-from tracevene.backends.base import require_installed
+from tracevene.runtime.engine import require_installed
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"  # the bundled checkpoints, each with the script that made it

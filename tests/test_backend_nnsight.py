@@ -23,7 +23,7 @@ from torch import nn
 import models
 import tracevene as iv
 from models import Rotate, available, full_name, site
-from tracevene.backends import torch_hooks
+from tracevene.runtime import attention
 
 B, P = 2, 6
 ARCHS = ["gpt2", "llama", "neox", "minilm"]
@@ -457,7 +457,7 @@ def assert_clean(gpt2, model, before, ids, logits):
         assert STATE not in vars(m) and "forward" not in vars(m), name
     assert after == before
     assert all(p.grad is None for p in gpt2.parameters())
-    assert torch_hooks._PATTERN_HOOKS == {}
+    assert attention.PATTERN_HOOKS == {}
     assert nn.Module.__call__ is ORIGINAL_CALL
     interleaver = model.backend.wrapper(gpt2).interleaver
     assert not interleaver.interleaving and interleaver.mediators == []

@@ -29,7 +29,7 @@ from torch import nn
 import models
 import tracevene as iv
 from models import Rotate, available, full_name, internal, site
-from tracevene.backends import torch_hooks
+from tracevene.runtime import attention
 
 pytest.importorskip("transformer_lens")
 
@@ -579,7 +579,7 @@ def assert_clean(setup) -> None:
     model, arch, ids, out, (impls, torch_state) = setup
     assert hooks_left(model.module) == []
     assert torch_hooks_of(model.module) == torch_state
-    assert torch_hooks._PATTERN_HOOKS == {}
+    assert attention.PATTERN_HOOKS == {}
     assert attn_impls(model.module) == impls
     assert not model.module.cfg.use_attn_result
     assert all(p.grad is None and p.requires_grad for p in model.module.parameters())

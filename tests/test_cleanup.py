@@ -12,7 +12,7 @@ from torch import nn
 
 import models
 import tracevene as iv
-from tracevene.backends import torch_hooks
+from tracevene.runtime import attention
 
 B, P, D = 2, 6, 32
 ORIGINAL_CALL = nn.Module.__call__
@@ -59,7 +59,7 @@ def assert_clean(module: nn.Module, before: dict, ids: torch.Tensor, logits: tor
     assert after["configs"] == before["configs"]
     assert after["requires_grad"] == before["requires_grad"]
     assert all(g is None for g in after["grads"].values())
-    assert torch_hooks._PATTERN_HOOKS == {}
+    assert attention.PATTERN_HOOKS == {}
     assert nn.Module.__call__ is ORIGINAL_CALL
     with torch.no_grad():
         assert torch.equal(module(ids).logits, logits)

@@ -24,7 +24,7 @@ from conformance_refs import REFS
 
 import models
 import tracevene as iv
-from tracevene.backends.base import BACKENDS as AVAILABLE
+from tracevene.runtime.engine import BACKENDS as AVAILABLE
 
 CONFORMANCE = Path(__file__).resolve().parents[1] / "dsl" / "conformance"
 PROGRAMS = sorted(CONFORMANCE.glob("[0-9][0-9]_*.py"))

@@ -22,7 +22,7 @@ import torch
 
 import models
 import tracevene as iv
-from tracevene.backends import base as backends_base
+from tracevene.runtime import engine as backends_base
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "tracevene"
@@ -394,7 +394,7 @@ RECIPES_WITH_BACKEND = ["activation_patching", "causal_tracing", "das", "ioi", "
 
 
 def _without(package: str) -> types.SimpleNamespace:
-    """An ``importlib`` stand-in for tracevene.backends.base where ``package`` is missing."""
+    """An ``importlib`` stand-in for tracevene.runtime.engine where ``package`` is missing."""
     real = backends_base.importlib
 
     def find_spec(name, *args):
@@ -447,7 +447,7 @@ def test_recipe_script_with_a_missing_backend_prints_one_line(tmp_path):
     runner.write_text(
         "import runpy, sys, types\n"
         f"sys.path.insert(0, {str(RECIPES)!r})\n"
-        "import tracevene.backends.base as base\n"
+        "import tracevene.runtime.engine as base\n"
         "real = base.importlib\n"
         "find = lambda name, *a: None if name == 'nnsight' else real.util.find_spec(name, *a)\n"
         "base.importlib = types.SimpleNamespace(\n"

@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 
 import models
 import tracevene as iv
-from tracevene.backends.interpret import source_sites
 from tracevene.ir import serialize
+from tracevene.runtime.interpret import source_sites
 
 ROOT = Path(__file__).resolve().parent.parent
 B, P, D, K = 16, 6, 32, 4

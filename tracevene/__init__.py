@@ -2,8 +2,6 @@
 
 from . import metrics as metrics
 from . import patching as patching
-from .backends.cache import SourceCache as SourceCache
-from .backends.inputs import last_token_positions as last_token_positions
 from .bound import BoundProgram as BoundProgram
 from .errors import (
     ArgumentError as ArgumentError,
@@ -74,6 +72,8 @@ from .model import Model as Model
 from .model import load as load
 from .model import wrap as wrap
 from .result import Result as Result
+from .runtime.cache import SourceCache as SourceCache
+from .runtime.inputs import last_token_positions as last_token_positions
 from .tracing.tracer import trace as trace
 from .training import evaluate as evaluate
 from .training import train as train

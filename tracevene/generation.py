@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .backends.base import module_lock
-from .backends.inputs import position_ids, tokenize
 from .errors import ArgumentError, ArgumentTypeError, BackendError, TraceveneError, closest
 from .ir.program import Program
 from .model import Model
+from .runtime.engine import module_lock
+from .runtime.inputs import position_ids, tokenize
 from .sampling import Sampler, sampler
 
 __all__ = ["generate"]

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .backends.base import Backend, get_backend
-from .errors import ArgumentTypeError
+from .errors import ArgumentError, ArgumentTypeError
+from .runtime.engine import Backend, get_backend
+
+if TYPE_CHECKING:
+    from .ir.program import Program
+    from .result import Result
+    from .runtime.cache import SourceCache
 
 
 class Model:
@@ -59,6 +64,68 @@ class Model:
     def check_site(self, site: str) -> None:
         """Raise a clear ``iv.SiteError`` if ``site`` is not valid here."""
         self.backend.check_site(self, site)
+
+    def run(
+        self,
+        program: Program,
+        base: Any,
+        sources: Sequence[Any] = (),
+        *,
+        schedule: str = "auto",
+        forward_kwargs: Mapping[str, Any] | None = None,
+        source_cache: SourceCache | None = None,
+        **args: Any,
+    ) -> Result:
+        """Run ``program`` on this model, with ``base`` and one input per source run.
+
+        Thread-safe: runs on one model are serialised by a re-entrant lock of the
+        module, held for the whole run (see docs/backends.md, Threads).
+
+        Args:
+            program: A recorded ``iv.Program``.
+            base: Inputs of the base run (token ids, a dict, text, or a module's input).
+            sources: Inputs of each source run, in order.
+            schedule: ``"auto"``, ``"batched"`` (base and sources in one forward pass
+                where the program allows) or ``"sequential"`` (one pass per run).
+            forward_kwargs: Extra keyword arguments for every forward call.
+            source_cache: An ``iv.SourceCache`` shared by runs over recurring sources.
+            **args: Values of the placeholders (``t.arg(name)``).
+
+        Returns:
+            The saved values and the base run's output.
+
+        Raises:
+            ArgumentError: Wrong number of sources, or missing, unexpected or string
+                placeholders.
+        """
+        if len(sources) != program.n_sources:
+            raise ArgumentError(
+                f"this program has {program.n_sources} source run(s) but got {len(sources)} "
+                "source input(s): pass sources=[...] with one input per t.source()."
+            )
+        missing = [a for a in program.args if a not in args]
+        extra = [a for a in args if a not in program.args]
+        if missing or extra:
+            raise ArgumentError(
+                f"placeholders: program needs {program.args or 'none'}; missing {missing}, "
+                f"unexpected {extra}. Pass them as program.run(..., name=value)."
+            )
+        text = [k for k, v in args.items() if isinstance(v, (str, bytes))]
+        if text:
+            raise ArgumentError(
+                f"placeholder {text[0]!r} is bound to the string {args[text[0]]!r}; "
+                "placeholders take tensors and numbers (a position index, a scale), so "
+                "bind it to one of those."
+            )
+        return self.backend.run(
+            self,
+            program,
+            [base, *sources],
+            args,
+            dict(forward_kwargs or {}),
+            schedule,
+            source_cache,
+        )
 
     def to_backend(self, name: str) -> Model:
         """The same weights under another backend (wrapping the caller's module anew).

@@ -28,12 +28,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import metrics
-from .backends.cache import SourceCache
-from .backends.inputs import last_token_positions, tokenize
 from .errors import ArgumentError, ArgumentTypeError, MissingKeyError
 from .ir.program import Program
 from .model import Model, as_model
 from .result import Result
+from .runtime.cache import SourceCache
+from .runtime.inputs import last_token_positions, tokenize
 
 LossFn = Callable[[Result, Mapping[str, Any]], Tensor]
 MetricFn = Callable[[Result, Mapping[str, Any]], Tensor]

@@ -1,1 +1,1 @@
-"""Backends: the interface (base.py), the reference torch backend, shared scheduling."""
+"""The three engines: plain PyTorch hooks (the reference), nnsight, TransformerLens."""

@@ -4,7 +4,7 @@ Every forward pass of the plan (``plan.make_plan``, shared with every backend) i
 call of the engine inside its own ``hooks(fwd_hooks=...)`` context manager, the API
 that ``TransformerBridge`` (TransformerLens 3.9 and 4.x) and ``HookedTransformer``
 (3.x) share; ``run_with_hooks`` is the same thing in one call. The events at each
-hook point are executed by the shared ``tracevene.backends.events.PassRun``,
+hook point are executed by the shared ``tracevene.runtime.events.PassRun``,
 exactly as on the torch backend. TransformerLens removes its hooks when the context
 exits, whatever was raised inside it.
 
@@ -77,15 +77,16 @@ from ..errors import (
     closest,
 )
 from ..ir.program import Program
+from ..runtime.attention import pattern_attention
+from ..runtime.engine import Backend, module_lock
+from ..runtime.events import PassRun, Stop
+from ..runtime.hooks import install
+from ..runtime.inputs import Call, batch_size, can_batch, concat, slice_output, with_position_ids
+from ..runtime.interpret import Env
+from ..runtime.plan import Pass
 from ..sites.arch import find_arch
 from ..sites.bind import Binding, Ctx, check_range, offered
 from ..sites.vocab import Site, display, parse
-from .base import Backend, module_lock
-from .events import PassRun, Stop
-from .inputs import Call, batch_size, can_batch, concat, slice_output, with_position_ids
-from .interpret import Env
-from .plan import Pass
-from .torch_hooks import _install, pattern_attention
 
 try:
     from transformer_lens.model_bridge import TransformerBridge
@@ -706,7 +707,7 @@ def _run_pass(model: Any, p: Pass, calls: list[Call], env: Env) -> Any:
             if io == "hook":
                 fwd_hooks.append((path, _lens_hook(state, point)))
             else:
-                handles.append(_install(state, point, resolver.modules[path]))
+                handles.append(install(state, point, resolver.modules[path]))
         if resolver.hf_module is not None:
             capture = lambda m, a, out: raw.__setitem__("out", out)  # noqa: E731
             handles.append(resolver.hf_module.register_forward_hook(capture))

@@ -16,10 +16,10 @@ from ..sites.vocab import display, parse
 from .nodes import OPS, Node, Ref, check_method, resolve_function
 
 if TYPE_CHECKING:
-    from ..backends.cache import SourceCache
     from ..bound import BoundProgram
     from ..model import Model
     from ..result import Result
+    from ..runtime.cache import SourceCache
 
 
 class Program:
@@ -117,7 +117,7 @@ class Program:
         source_cache: SourceCache | None = None,
         **args: Any,
     ) -> Result:
-        """Run the program on ``model``.
+        """Run the program on ``model`` (the same as ``model.run(program, ...)``).
 
         Thread-safe: runs on one model are serialised by a re-entrant lock of
         ``model.module``, held for the whole run (hooks, the attention switch of
@@ -141,36 +141,16 @@ class Program:
         Returns:
             The saved values and the base run's output.
         """
-        from ..model import as_model
+        from ..model import as_model  # at call time: the IR imports no runtime
 
-        model = as_model(model)
-        if len(sources) != self.n_sources:
-            raise ArgumentError(
-                f"this program has {self.n_sources} source run(s) but got {len(sources)} "
-                "source input(s): pass sources=[...] with one input per t.source()."
-            )
-        missing = [a for a in self.args if a not in args]
-        extra = [a for a in args if a not in self.args]
-        if missing or extra:
-            raise ArgumentError(
-                f"placeholders: program needs {self.args or 'none'}; missing {missing}, "
-                f"unexpected {extra}. Pass them as program.run(..., name=value)."
-            )
-        text = [k for k, v in args.items() if isinstance(v, (str, bytes))]
-        if text:
-            raise ArgumentError(
-                f"placeholder {text[0]!r} is bound to the string {args[text[0]]!r}; "
-                "placeholders take tensors and numbers (a position index, a scale), so "
-                "bind it to one of those."
-            )
-        return model.backend.run(
-            model,
+        return as_model(model).run(
             self,
-            [base, *sources],
-            args,
-            dict(forward_kwargs or {}),
-            schedule,
-            source_cache,
+            base,
+            sources,
+            schedule=schedule,
+            forward_kwargs=forward_kwargs,
+            source_cache=source_cache,
+            **args,
         )
 
     def bind(

@@ -33,9 +33,9 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..backends.inputs import tokenize
 from ..errors import ArgumentError, ArgumentTypeError, SiteError
 from ..model import Model, as_model
+from ..runtime.inputs import tokenize
 from ..tracing.tracer import trace
 from .outputs import experiment, scored
 from .result import PatchResult

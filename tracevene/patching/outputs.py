@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..backends.inputs import slice_output
+from ..runtime.inputs import slice_output
 
 
 def scored(output: Any) -> Any:

@@ -23,9 +23,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..backends.inputs import slice_output
 from ..errors import ArgumentError, ArgumentTypeError
 from ..model import Model, as_model
+from ..runtime.inputs import slice_output
 from ..tracing.tracer import trace
 from .activation import Metric, _repeat, input_shape, paired_inputs
 from .outputs import experiment, scored

@@ -125,9 +125,7 @@ def _components(runs: list[int], edges: dict) -> list[list[int]]:
     order: list[list[int]] = []
     while groups:  # Kahn's algorithm; ties keep run order
         for g in groups:
-            if not any(
-                a in h and b in g for (a, b) in edges for h in groups if h is not g
-            ):
+            if not any(a in h and b in g for (a, b) in edges for h in groups if h is not g):
                 order.append(g)
                 groups.remove(g)
                 break

@@ -1,0 +1,1 @@
+"""Compatibility seams over peer libraries' private internals (one module per library)."""
