@@ -1249,3 +1249,11 @@ def test_user_modules_with_ties_and_non_persistent_buffers_load_whole(tmp_path, 
     assert torch.equal(loaded.scale, torch.full((4,), 2.0, dtype=dtype)) and loaded.total == 8.0
     x = torch.randn(2, 4, dtype=dtype)
     assert torch.equal(loaded(x), module(x))
+
+
+def test_op_literal_names_exactly_the_op_vocabulary():
+    from typing import get_args
+
+    from tracevene.ir.nodes import OPS, Op
+
+    assert list(get_args(Op)) == list(OPS)

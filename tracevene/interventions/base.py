@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -57,7 +57,7 @@ class Intervention(nn.Module):
         ```
     """
 
-    temperature_schedule: ClassVar[tuple[float, float] | None] = None
+    temperature_schedule: tuple[float, float] | None = None
     _spec_args: dict[str, Any]
 
     def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:

@@ -63,8 +63,9 @@ def register(name: str | None = None) -> Callable[[M], M]:
                 )
         key = name or cls.__name__
         _check_free(key, cls)
-        _REGISTRY[key] = (cls, lambda m: m.spec(), cls.from_spec)
-        cls._tracevene_name = key
+        checked: Any = cls  # has spec and from_spec (checked above)
+        _REGISTRY[key] = (cls, lambda m: m.spec(), checked.from_spec)
+        checked._tracevene_name = key
         return cls
 
     return deco
@@ -114,7 +115,7 @@ def lookup(name: Any) -> type | None:
     return None if entry is None else entry[0]
 
 
-def build(name: str, spec: dict) -> nn.Module:
+def build(name: object, spec: dict) -> nn.Module:
     """A new module of registered type ``name`` from its spec.
 
     Raises:

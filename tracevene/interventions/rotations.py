@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 from jaxtyping import Float
@@ -67,6 +68,9 @@ class Rotation(nn.Module):
     gradient.
     """
 
+    weight: Tensor
+    parametrizations: nn.ModuleDict  # set by register_parametrization
+
     def __init__(self, start: Tensor, parametrization: nn.Module):
         super().__init__()
         self.weight = start if isinstance(start, nn.Parameter) else nn.Parameter(start)
@@ -78,7 +82,7 @@ class Rotation(nn.Module):
     def __deepcopy__(self, memo: dict) -> Rotation:
         if id(self) in memo:
             return memo[id(self)]
-        plist = self.parametrizations["weight"]
+        plist = cast(parametrize.ParametrizationList, self.parametrizations["weight"])
         original = copy.deepcopy(plist.original, memo)
         maps = [copy.deepcopy(m, memo) for m in plist]
         with torch.no_grad():
@@ -131,6 +135,7 @@ class _Subspace(Intervention):
     d: int
     k: int
     slices: dict[str, slice]
+    rotation: Rotation
 
     def _setup(self, d: int, k: int | None, variables: Mapping[str, int] | None) -> None:
         self.d = int(d)
@@ -213,6 +218,7 @@ class _Annealed(Intervention):
 
     d: int
     temperature: Tensor
+    rotation: Rotation
 
     def set_temperature(self, value: float) -> None:
         """Set the temperature (the trainer calls this on its schedule)."""

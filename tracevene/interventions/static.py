@@ -35,6 +35,8 @@ class MeanAblate(Intervention):
             broadcast against the site from the right (``[d]``, ``[pos, d]``, ...).
     """
 
+    mean: Tensor
+
     def __init__(self, mean: Tensor):
         super().__init__()
         self.register_buffer("mean", torch.as_tensor(mean).detach().clone())
@@ -51,6 +53,8 @@ class Add(Intervention):
         vector: The steering vector, broadcast against the site (usually ``[d]``).
         scale: A multiplier, so one vector can be swept over strengths.
     """
+
+    vector: Tensor
 
     def __init__(self, vector: Tensor, scale: float = 1.0):
         super().__init__()

@@ -6,14 +6,20 @@ import math
 import operator
 import types
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from ..errors import ProgramFormatError, TraceError
 
 #: The closed op vocabulary. Every node has exactly one of these ops.
-OPS: dict[str, str] = {
+Op = Literal[
+    "arg", "const", "read", "write", "getitem", "setitem",
+    "call_function", "call_method", "call_module", "save",
+]  # fmt: skip
+
+#: What each op means (the keys are exactly ``Op``'s values).
+OPS: dict[Op, str] = {
     "arg": "placeholder bound when the program runs (target: its name)",
     "const": "a tensor stored with the program (target: its key)",
     "read": "the value of a site in one run (run, target: site)",
@@ -109,7 +115,7 @@ class Node:
     """
 
     id: int
-    op: str
+    op: Op
     target: str | None = None
     run: int | None = None
     args: tuple = ()
@@ -150,7 +156,7 @@ def _collect_refs(x: Any, out: list[int]) -> None:
         _collect_refs((x.start, x.stop, x.step), out)
 
 
-def resolve_function(name: str) -> Any:
+def resolve_function(name: object) -> Any:
     """The function an allowed qualified name refers to, never importing anything.
 
     Raises:
@@ -186,7 +192,7 @@ def function_name(fn: Any) -> str | None:
     return _FUNCTION_NAMES.get(id(fn))
 
 
-def check_method(name: str, error: type[Exception] = TraceError) -> str:
+def check_method(name: object, error: type[Exception] = TraceError) -> str:
     """Validate a tensor method name for ``call_method`` nodes.
 
     Raises:

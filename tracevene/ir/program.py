@@ -52,7 +52,7 @@ class Program:
     @property
     def args(self) -> list[str]:
         """Names of the placeholders that ``run`` must be given."""
-        return [n.target for n in self.nodes if n.op == "arg"]
+        return [str(n.target) for n in self.nodes if n.op == "arg"]
 
     @property
     def saves(self) -> list[str]:
@@ -86,9 +86,11 @@ class Program:
                 raise ProgramFormatError(f"needs a site name, got {node.target!r}")
             parse(node.target)
         elif node.op == "call_function":
-            resolve_function(node.target)
+            name = node.target
+            resolve_function(name)
+            assert isinstance(name, str)  # resolve_function refuses anything else
             kwargs = dict(node.kwargs)
-            inplace = node.target.endswith("_") and not node.target.startswith("operator.")
+            inplace = name.endswith("_") and not name.startswith("operator.")
             if inplace or kwargs.get("out") is not None or kwargs.get("inplace") is True:
                 raise ProgramFormatError(
                     f"{node.target} would change a tensor in place (an in-place function, "
@@ -425,10 +427,11 @@ def format_index(index: Any) -> str:
 def _format_node(node: Node, program: Program) -> str:
     args = ", ".join(format_arg(a) for a in node.args)
     kwargs = "".join(f", {k}={format_arg(v)}" for k, v in node.kwargs)
-    where = f"{run_name(node.run)}.{display(node.target)}" if node.run is not None else ""
+    key = node.target or ""  # a site, tensor or module key where the op has one
+    where = f"{run_name(node.run)}.{display(key)}" if node.run is not None else ""
     body = {
         "arg": lambda: f"arg {node.target!r}",
-        "const": lambda: f"const {node.target} {_tensor_summary(program.tensors[node.target])}",
+        "const": lambda: f"const {node.target} {_tensor_summary(program.tensors[key])}",
         "read": lambda: f"read {where}",
         "write": lambda: f"write {where}{format_index(node.args[0])} = {format_arg(node.args[1])}",
         "getitem": lambda: f"{format_arg(node.args[0])}{format_index(node.args[1])}",
@@ -454,4 +457,4 @@ def _tensor_summary(t: Tensor) -> str:
 
 
 def _module_name(program: Program, node: Node) -> str:
-    return type(program.modules[node.target]).__name__
+    return type(program.modules[node.target or ""]).__name__

@@ -102,7 +102,7 @@ def decode(x: Any) -> Any:
     if kind == "tuple" and isinstance(v, list):
         return tuple(decode(i) for i in v)
     if kind == "dtype" and isinstance(getattr(torch, str(v), None), torch.dtype):
-        return getattr(torch, v)
+        return getattr(torch, str(v))
     if kind == "float" and v in ("inf", "-inf", "nan"):
         return float(v)
     raise ProgramFormatError(f"bad argument {x!r}")
@@ -431,7 +431,8 @@ def _check_replaceable(target: Path) -> None:
         n in (GRAPH_FILE, CARD_FILE) or n.startswith(TMP_PREFIX) or _is_tensor_file(n)
         for n in names
     )
-    if not ours or (CARD_FILE in names and not _is_card(target / CARD_FILE)):
+    card = names is not None and CARD_FILE in names
+    if not ours or (card and not _is_card(target / CARD_FILE)):
         raise PathExistsError(
             f"{target} exists and is not a saved program; program.save() replaces the whole "
             "directory, so it refuses to. Save to a new directory, or remove it first."
@@ -493,7 +494,7 @@ def _card_runs(program: Program) -> str:
     for i, run in enumerate(runs):
         for op, verb in (("read", "reads"), ("write", "writes")):
             sites = dict.fromkeys(
-                display(n.target) for n in program.nodes if n.op == op and n.run == i
+                display(str(n.target)) for n in program.nodes if n.op == op and n.run == i
             )
             if sites:
                 lines.append(f"- `{run}` {verb} {_names(list(sites))}")
@@ -584,7 +585,7 @@ def _load_module(key: str, entry: Any, blobs: dict[str, torch.Tensor]) -> torch.
     state = {k: _take(blobs, f"module/{key}/{k}", m) for k, m in entry["tensors"].items()}
     # On the meta device first: a spec's sizes allocate nothing until they are checked
     # against the tensors the file holds (a width of 1e9 in the JSON costs no memory).
-    meta = _build(key, entry, on_meta=True)
+    meta = _build_on_meta(key, entry)
     if meta is not None:
         _check_state(meta, state, key, entry)
         if _self_contained(meta):  # all its tensors come from the file: take those
@@ -592,7 +593,7 @@ def _load_module(key: str, entry: Any, blobs: dict[str, torch.Tensor]) -> torch.
             return meta
     # Tied tensors, non-persistent buffers, or a class that cannot be built on the meta
     # device: build it for real (the sizes checked above bound what that allocates).
-    module = _build(key, entry, on_meta=False)
+    module = _build(key, entry)
     _check_state(module, state, key, entry)
     if _self_contained(module):
         module.load_state_dict(state, assign=True)
@@ -604,23 +605,28 @@ def _load_module(key: str, entry: Any, blobs: dict[str, torch.Tensor]) -> torch.
     return module
 
 
-def _build(key: str, entry: dict, on_meta: bool) -> torch.nn.Module | None:
-    """Module ``key`` built from its spec (``None``: it cannot be built on the meta device).
+def _build(key: str, entry: dict, on_meta: bool = False) -> torch.nn.Module:
+    """Module ``key`` built from its spec (on the meta device if ``on_meta``)."""
+    try:
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            return registry.build(entry.get("type"), entry.get("spec", {}))
+    except (ProgramFormatError, NotImplementedError) as e:
+        raise ProgramFormatError(f"{GRAPH_FILE}: module {key!r}: {e}") from None
+
+
+def _build_on_meta(key: str, entry: dict) -> torch.nn.Module | None:
+    """Module ``key`` on the meta device (``None``: it cannot be built there).
 
     tracevene's own classes always build on the meta device; a user's class that cannot
     (it reads a tensor's values, say) is built for real instead.
     """
-    name = entry.get("type")
+    cls = registry.lookup(entry.get("type"))
     try:
-        if not on_meta:
-            return registry.build(name, entry.get("spec", {}))
-        with torch.device("meta"):
-            return registry.build(name, entry.get("spec", {}))
-    except (ProgramFormatError, NotImplementedError) as e:
-        cls = registry.lookup(name)
-        if on_meta and cls is not None and not _builtin(cls):
+        return _build(key, entry, on_meta=True)
+    except ProgramFormatError:
+        if cls is not None and not _builtin(cls):
             return None
-        raise ProgramFormatError(f"{GRAPH_FILE}: module {key!r}: {e}") from None
+        raise
 
 
 def _self_contained(module: torch.nn.Module) -> bool:
@@ -629,7 +635,7 @@ def _self_contained(module: torch.nn.Module) -> bool:
     Not so for tied parameters (one tensor, two names) and non-persistent buffers,
     which ``load_state_dict(assign=True)`` would untie or leave unset.
     """
-    named = [*module.named_parameters(remove_duplicate=False)]
+    named: list[tuple[str, torch.Tensor]] = [*module.named_parameters(remove_duplicate=False)]
     named += module.named_buffers(remove_duplicate=False)
     distinct = len({id(t) for _, t in named}) == len(named)
     return distinct and {n for n, _ in named} == set(module.state_dict())

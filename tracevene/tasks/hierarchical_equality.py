@@ -155,6 +155,8 @@ class EqualityMLP(nn.Module):
         entity_seed: Seed of the entity pool (``entity_pool``).
     """
 
+    entities: Tensor
+
     def __init__(
         self,
         n_entities: int = N_ENTITIES,
