@@ -182,6 +182,15 @@ def test_sites_lists_the_vocabulary_in_forward_order():
     assert lens("mistral").d_model == 32
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_site_table_serves_both_engines(arch):
+    """The bridge takes its family's entry of sites/arch.py (no table of its own), and
+    that entry's TransformerLens column offers every site the torch backend offers."""
+    ref = iv.wrap(hf(arch), backend="torch")
+    assert lens(arch).resolver.table is ref.resolver.arch
+    assert lens(arch).sites() == ref.sites()
+
+
 # -- parity ------------------------------------------------------------------------------
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("kind", KINDS)

@@ -243,11 +243,11 @@ def _check_model(model: Any) -> None:
             f"iv.generate needs a tracevene Model, got {type(model).__name__}: wrap it "
             "first, iv.wrap(hf_model, backend='torch')."
         )
-    if model.backend.name == "transformer_lens" and model.resolver.hf_module is None:
+    if model.resolver.plain is None:
         raise BackendError(
-            f"generation with the KV cache is not available on the transformer_lens "
+            f"generation with the KV cache is not available on the {model.backend.name} "
             f"backend for a {type(model.module).__name__} you built yourself: wrap the "
-            "Hugging Face model instead (iv.wrap(hf_model, backend='transformer_lens')), "
+            f"Hugging Face model instead (iv.wrap(hf_model, backend={model.backend.name!r})), "
             "or use backend='torch' or 'nnsight'."
         )
     if model.resolver.arch is None:
@@ -362,9 +362,7 @@ def _run_plain(model: Model, kwargs: dict[str, Any]) -> Any:
     Holding the lock keeps other threads' runs (and their hooks) off the model meanwhile.
     """
     with module_lock(model.module):
-        if model.backend.name == "transformer_lens":
-            return model.resolver.hf_module(**kwargs)  # the bridged HF model, no hooks
-        return model.module(**kwargs)
+        return model.resolver.plain(**kwargs)
 
 
 def _next_token(logits: Tensor, pick: Sampler, done: Tensor, eos_token_id: int | None) -> Tensor:

@@ -13,6 +13,7 @@ from torch import nn
 
 from .errors import ArgumentError, ArgumentTypeError
 from .runtime.engine import Backend, get_backend
+from .sites.arch import causal_types
 
 if TYPE_CHECKING:
     from .ir.program import Program
@@ -248,7 +249,7 @@ def _tokenizer(name_or_path: str) -> Any:
 _TOKENIZER_FILES = "*token*"  # tokenizer.json, tokenizer_config.json, special_tokens_map.json
 
 
-_CAUSAL_TYPES = {"gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gemma"}
+_CAUSAL_TYPES = causal_types()
 
 
 def _has_dropout(module: nn.Module) -> bool:

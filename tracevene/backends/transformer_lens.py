@@ -17,35 +17,15 @@ Engines:
   language-model class, minus the head.
 - ``iv.wrap(tl_model)`` runs a ``TransformerBridge`` or ``HookedTransformer`` as is.
 
-Sites (``{i}``: layer). Head sites (``attn.head[h].q`` ...) are slices of these on the
-head axis; ``head[h].out`` is ``z_h @ W_O[h]`` (no bias) computed from ``hook_z`` and
-written as a delta, as on the torch backend, so no model setting (``use_attn_result``)
-is ever changed.
-
-============== ================================ ================================
-site           TransformerBridge                HookedTransformer
-============== ================================ ================================
-embed          blocks.0.hook_resid_pre          same
-resid_pre      blocks.{i}.hook_resid_pre        same
-attn.q/k/v     blocks.{i}.attn.hook_q/k/v       same (before rotary on both)
-attn.pattern   blocks.{i}.attn.hook_pattern     same
-attn.z         blocks.{i}.attn.hook_z           same
-head[h].out    delta at blocks.{i}.attn.o.      delta at blocks.{i}.hook_attn_out
-               hook_out, from hook_z
-attn.out       blocks.{i}.hook_attn_out         same
-resid_mid      blocks.{i}.hook_resid_mid        same
-mlp.hidden     blocks.{i}.mlp.hook_post         same
-mlp.out        blocks.{i}.hook_mlp_out          same
-resid_post     blocks.{i}.hook_resid_post       same
-final          ln_final.hook_out                unembed.hook_in
-logits         unembed.hook_out                 same
-============== ================================ ================================
-
-On post-LayerNorm BERT bridges, ``attn.out`` is ``blocks.{i}.attn.o.hook_out`` (the
-output projection, before the residual and LayerNorm), ``resid_mid`` is
-``blocks.{i}.ln1.hook_out``, and ``final`` does not exist. Where an engine computes
-attention probabilities after the fact (BERT bridges fire ``hook_pattern`` after the
-attention output), ``attn.pattern`` is readable but not writable.
+Sites come from the architecture tables (``tracevene/sites/arch.py``): the ``tl``
+column of the model's Hugging Face family on a bridge (``TL_BRIDGE``, ``TL_POST_LN``
+for BERT), ``TL_HOOKED`` on a ``HookedTransformer``; views come from
+``tracevene/sites/views.py``. Head sites (``attn.head[h].q`` ...) are slices of the
+per-layer hook points on the head axis; ``head[h].out`` is ``z_h @ W_O[h]`` (no bias)
+computed from ``hook_z`` and written as a delta, as on the torch backend, so no model
+setting (``use_attn_result``) is ever changed. Where an engine computes attention
+probabilities after the fact (BERT bridges fire ``hook_pattern`` after the attention
+output), ``attn.pattern`` goes through the eager-attention route instead.
 
 Forward order comes from one probe forward pass (two tokens, no grad) that records
 when each hook point and module runs; a hook point that never runs, or runs more
@@ -62,7 +42,7 @@ import copy
 import weakref
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -84,8 +64,10 @@ from ..runtime.hooks import install
 from ..runtime.inputs import Call, batch_size, can_batch, concat, slice_output, with_position_ids
 from ..runtime.interpret import Env
 from ..runtime.plan import Pass
-from ..sites.arch import find_arch
-from ..sites.bind import Binding, Ctx, check_range, offered
+from ..sites import views
+from ..sites.arch import HOOKED_TRANSFORMER, NO_HEAD, Arch, find_arch, unavailable
+from ..sites.bind import Binding, check_range, head_of, offered, table_key
+from ..sites.views import View
 from ..sites.vocab import Site, display, parse
 
 try:
@@ -97,10 +79,6 @@ except ImportError as e:  # pragma: no cover - get_backend checks the package fi
         f"'tracevene[transformer-lens]' ({e})"
     ) from e
 
-#: Head axis of per-head sites in TransformerLens's layout (``[B, P, H, Dh]``,
-#: ``[B, H, P, P]`` for patterns).
-HEAD_DIM = {"attn.q": 2, "attn.k": 2, "attn.v": 2, "attn.z": 2, "attn.pattern": 1}
-
 #: TransformerLens config flags that switch hook points off, by hook-name suffix.
 GATES = (
     ("attn.hook_result", "use_attn_result"),
@@ -110,64 +88,6 @@ GATES = (
     ("mlp_in", "use_hook_mlp_in"),
     ("attn_in", "use_attn_in"),
 )
-
-#: Vocabulary key -> candidate hook names on a ``HookedTransformer`` (the first that
-#: runs on the model wins).
-HOOKED: dict[str, tuple[str, ...]] = {
-    "embed": ("blocks.0.hook_resid_pre",),
-    "resid_pre": ("blocks.{i}.hook_resid_pre",),
-    "attn.q": ("blocks.{i}.attn.hook_q",),
-    "attn.k": ("blocks.{i}.attn.hook_k",),
-    "attn.v": ("blocks.{i}.attn.hook_v",),
-    "attn.pattern": ("blocks.{i}.attn.hook_pattern",),
-    "attn.z": ("blocks.{i}.attn.hook_z",),
-    "attn.head_out": ("blocks.{i}.hook_attn_out",),
-    "attn.out": ("blocks.{i}.hook_attn_out",),
-    "resid_mid": ("blocks.{i}.hook_resid_mid",),
-    "mlp.hidden": ("blocks.{i}.mlp.hook_post",),
-    "mlp.out": ("blocks.{i}.hook_mlp_out",),
-    "resid_post": ("blocks.{i}.hook_resid_post",),
-    "final": ("unembed.hook_in",),
-    "logits": ("unembed.hook_out",),
-}
-
-#: The same on a ``TransformerBridge``. Its ``hook_resid_mid`` is the input hook of
-#: ``ln2`` (a write there reaches the MLP but not the residual stream), so resid_mid
-#: is ``resid_pre + attn.out`` at ``hook_attn_out``, as on the torch backend.
-BRIDGE: dict[str, tuple[str, ...]] = {
-    **HOOKED,
-    "attn.head_out": ("blocks.{i}.attn.o.hook_out", "blocks.{i}.hook_attn_out"),
-    "resid_mid": ("blocks.{i}.hook_attn_out",),
-    "final": ("ln_final.hook_out", "unembed.hook_in"),
-}
-
-#: Post-LayerNorm encoders (BERT) on a bridge.
-POST_LN: dict[str, tuple[str, ...]] = {
-    **BRIDGE,
-    "attn.out": ("blocks.{i}.attn.o.hook_out",),
-    "resid_mid": ("blocks.{i}.ln1.hook_out",),
-}
-POST_LN_TYPES = ("bert",)
-NO_FINAL = "BERT is post-LayerNorm and has no final norm; read layer[-1].resid_post"
-PARALLEL = (
-    "this model runs attention and MLP in parallel from resid_pre, so no residual exists "
-    "between them; read attn.out and mlp.out instead"
-)
-NO_HEAD = (
-    "this model has no language-model head: load it with its head (e.g. "
-    "AutoModelForCausalLM / AutoModelForMaskedLM) or read layer[-1].resid_post"
-)
-
-#: ``config.model_type`` -> the Hugging Face class whose bridge adapter serves it.
-LM_CLASS = {
-    "gpt2": "GPT2LMHeadModel",
-    "gpt_neox": "GPTNeoXForCausalLM",
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "gemma": "GemmaForCausalLM",
-    "bert": "BertForMaskedLM",
-}
 
 _PRIVATE: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # bridges built by this backend
 
@@ -240,9 +160,9 @@ def build_bridge(module: nn.Module) -> nn.Module:
     found = find_arch(module)
     copied = copy.deepcopy(module)
     architecture, drop = type(module).__name__, None
-    if found is not None and found[1] == "" and config.model_type in LM_CLASS:
+    if found is not None and found[1] == "" and found[0].lm_class:
         copied = _BaseModel(found[0].base, copied)  # a bare base model: no head
-        architecture, drop = LM_CLASS[config.model_type], copied
+        architecture, drop = found[0].lm_class, copied
     try:
         bridge = build_bridge_from_module(
             copied,
@@ -270,24 +190,22 @@ def _drop_missing(adapter: Any, holder: nn.Module) -> None:
                 del adapter.component_mapping[key]
 
 
-@dataclass(frozen=True)
-class LensArch:
-    """What ``repr(model)`` shows for a model on this backend."""
-
-    name: str
-
-
 # -- the resolver ------------------------------------------------------------------------
 class LensResolver:
     """Binds site names to the hook points (and modules) of one TransformerLens engine.
 
+    Every architecture fact comes from the site table (``sites/arch.py``), every view
+    from ``sites/views.py``; this class binds them to the engine's hook points.
+
     Attributes:
         engine: The ``TransformerBridge`` / ``HookedTransformer`` that runs.
-        hf_module: The Hugging Face model inside a bridge this backend built (its
-            output is the run's output), else ``None`` (the output is the engine's
-            logits).
+        plain: The Hugging Face model inside a bridge this backend built (its
+            output is the run's output, and it runs without hooks), else ``None``
+            (the output is the engine's logits).
         points: Hook name (TransformerLens's own or an alias) -> ``HookPoint``.
         modules: Module path -> module, for ``t.module(path)`` sites.
+        table: The family's site table (``HOOKED_TRANSFORMER`` on a HookedTransformer).
+        arch: ``table`` under the engine's name, as messages and ``repr`` show it.
     """
 
     def __init__(self, engine: nn.Module):
@@ -297,22 +215,22 @@ class LensResolver:
         self.bridge = isinstance(engine, TransformerBridge)
         hf = engine.original_model if self.bridge else None
         self.hf_root = hf
-        self.hf_module = hf if engine in _PRIVATE else None
+        self.plain = hf if engine in _PRIVATE else None
         self.points = dict(engine.hook_dict)
         self.modules = _module_paths(hf if hf is not None else engine)
         cfg = engine.cfg
-        self.vocab = self.bridge or type(engine).__name__ == "HookedTransformer"
+        self.config = getattr(hf, "config", None) if self.bridge else cfg
+        self.table, self.prefix = _table(engine, hf)
+        self.vocab = bool(self.table.tl)
         self.n_layers = cfg.n_layers if self.vocab else None
         self.n_heads = cfg.n_heads if self.vocab else None
         kv = getattr(cfg, "n_key_value_heads", None) if self.vocab else None
         self.n_kv_heads = kv or self.n_heads
         self.d_model = cfg.d_model if self.vocab else None
         self.d_head = cfg.d_head if self.vocab else None
-        model_type = getattr(getattr(hf, "config", None), "model_type", None)
-        self.post_ln = model_type in POST_LN_TYPES
-        self.table = POST_LN if self.post_ln else BRIDGE if self.bridge else HOOKED
+        model_type = getattr(self.config, "model_type", None) if self.bridge else None
         name = f"{type(engine).__name__}" + (f" ({model_type})" if model_type else "")
-        self.arch = LensArch(name)
+        self.arch = replace(self.table, name=name)
         self._probed: tuple | None = None
         self._order: dict[tuple[str, str], int] = {}
         self._counts: Counter = Counter()
@@ -412,12 +330,16 @@ class LensResolver:
                 f"{', '.join(list(self.points)[:6])}, ...)."
             )
         check_range(site, where, self.n_layers, self.n_heads, self.n_kv_heads)
-        key = "attn.head_out" if site.key == "attn.out" and site.head is not None else site.key
-        if key == "final" and self.post_ln:
-            raise SiteError(f"{where} is not available: {NO_FINAL}.")
-        if key == "resid_mid" and self._parallel():
-            raise SiteError(f"{where} is not available: {PARALLEL}.")
-        names = [n.format(i=site.layer) for n in self.table[key]]
+        key = table_key(site)
+        reason = unavailable(self.table, key, self.config)
+        if reason:
+            raise SiteError(f"{where} is not available: {reason}.")
+        if key not in self.table.tl:
+            raise SiteError(
+                f"{where} is not available on {self.table.name} models on the "
+                f"transformer_lens backend (sites: {', '.join(sorted(self.table.tl))})."
+            )
+        names = [n.format(i=site.layer) for n in self.table.tl[key].names]
         self._refresh()
         for n in names:
             if n in self.points and self._counts[(self.points[n].name or n, "hook")]:
@@ -425,21 +347,14 @@ class LensResolver:
         reason = NO_HEAD if key == "logits" else f"none of its hook points ({', '.join(names)}) run"
         raise SiteError(f"{where} is not available on this {self.arch.name}: {reason}.")
 
-    def _parallel(self) -> bool:
-        """Whether attention and MLP both read resid_pre (no resid_mid exists)."""
-        hf = self.engine.original_model if self.bridge else None
-        configs = (self.engine.cfg, getattr(hf, "config", None))
-        flags = ("parallel_attn_mlp", "use_parallel_residual")
-        return any(bool(getattr(c, f, False)) for c in configs for f in flags)
-
     # -- binding ---------------------------------------------------------------------
     def _bind(self, site: Site) -> Binding:
         if site.kind == "module":
             point = (site.key, site.io)
-            return Binding(site, site.key, site.io, (self._order[point], 0), _ident, _put)
+            return Binding(site, site.key, site.io, (self._order[point], 0), *views.IDENT)
         if site.kind == "hook":
             name = self._hook(site.key)
-            return Binding(site, name, "hook", (self._order[(name, "hook")], 0), _ident, _put)
+            return Binding(site, name, "hook", (self._order[(name, "hook")], 0), *views.IDENT)
         try:
             name = self._hook_of(site)
         except SiteError:  # hook_pattern does not run (an SDPA kernel): the eager route
@@ -448,19 +363,16 @@ class LensResolver:
                 raise
             return binding
         order = (self._order[(name, "hook")], 0)
-        key = "attn.head_out" if site.key == "attn.out" and site.head is not None else site.key
-        if key == "attn.head_out":
-            z = self._hook(f"blocks.{site.layer}.attn.hook_z")
-            get, put = _head_out_view(site.head, (z, "hook"), self._w_o(site.layer))
-            return Binding(site, name, "hook", order, get, put, ((z, "hook"),))
-        if key == "resid_mid" and self.table is BRIDGE:
+        view = self.table.tl[table_key(site)].view
+        if view == "head_out":
+            z = (self._hook(f"blocks.{site.layer}.attn.hook_z"), "hook")
+            get, put = _head_out(site.head, z, self._w_o(site.layer))
+            return Binding(site, name, "hook", order, get, put, (z,))
+        if view == "resid_mid":
             pre = (self._hook(f"blocks.{site.layer}.hook_resid_pre"), "hook")
-            get, put = _resid_mid_view(pre)
-            return Binding(site, name, "hook", order, get, put, (pre,))
-        get, put = _ident, _put
-        if site.head is not None:
-            get, put = _select_head(HEAD_DIM[site.key], site.head)
-        if key == "attn.pattern" and not self._pattern_live(site.layer, name):
+            return Binding(site, name, "hook", order, *views.resid_mid(pre), (pre,))
+        get, put = head_of(views.IDENT, site)
+        if site.key == "attn.pattern" and not self._pattern_live(site.layer, name):
             binding = self._eager_pattern_binding(site)
             if binding is not None:
                 return binding
@@ -476,9 +388,7 @@ class LensResolver:
         path = self._eager_pattern(site.layer)
         if path is None:
             return None
-        get, put = _ident, _put
-        if site.head is not None:
-            get, put = _select_head(HEAD_DIM[site.key], site.head)
+        get, put = head_of(views.IDENT, site)
         z = self._hook(f"blocks.{site.layer}.attn.hook_z")
         return Binding(site, path, "pattern", (self._order[(z, "hook")], -1), get, put)
 
@@ -494,12 +404,10 @@ class LensResolver:
         For bridges that only report probabilities after the fact (BERT); ``None``
         where there is no such module.
         """
-        found = find_arch(self.hf_root) if self.hf_root is not None else None
-        hook = found[0].sites.get("attn.pattern") if found else None
+        hook = self.table.sites.get("attn.pattern")
         if hook is None or hook.io != "pattern":
             return None
-        arch, prefix = found
-        path = hook.path.format(layer=f"{prefix}{arch.layers}.{layer}")
+        path = hook.path.format(layer=f"{self.prefix}{self.table.layers}.{layer}")
         if path not in self.modules or not self._counts[(path, "input")]:
             return None
         return path
@@ -642,57 +550,23 @@ def _device(module: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-# -- views -----------------------------------------------------------------------------
-def _ident(x: Tensor, ctx: Ctx) -> Tensor:
-    return x
+def _table(engine: nn.Module, hf: nn.Module | None) -> tuple[Arch, str]:
+    """The engine's site table and the path prefix of its Hugging Face base model.
+
+    A bridge's is its Hugging Face family's, a ``HookedTransformer``'s is
+    ``HOOKED_TRANSFORMER``; any other engine gets an empty table (hook sites only).
+    """
+    found = find_arch(hf) if hf is not None else None
+    if found is not None:
+        return found
+    if hf is None and type(engine).__name__ == "HookedTransformer":
+        return HOOKED_TRANSFORMER, ""
+    return Arch(type(engine).__name__, (), "", "", {}), ""
 
 
-def _put(x: Tensor, new: Tensor, ctx: Ctx) -> Tensor:
-    return new
-
-
-def _select_head(dim: int, h: int) -> tuple[Callable, Callable]:
-    index = (slice(None),) * dim + (h,)
-
-    def get(x: Tensor, ctx: Ctx) -> Tensor:
-        return x[index]
-
-    def put(x: Tensor, new: Tensor, ctx: Ctx) -> Tensor:
-        full = x.clone()
-        full[index] = new
-        return full
-
-    return get, put
-
-
-def _resid_mid_view(pre: tuple[str, str]) -> tuple[Callable, Callable]:
-    """resid_mid at the attention output: the block's input plus what attention adds."""
-
-    def get(out: Tensor, ctx: Ctx) -> Tensor:
-        return ctx.captured[pre][ctx.rows] + out
-
-    def put(out: Tensor, new: Tensor, ctx: Ctx) -> Tensor:
-        return new - ctx.captured[pre][ctx.rows]
-
-    return get, put
-
-
-def _head_out_view(h: int, z_point: tuple[str, str], w_o: Callable[[], Tensor]):
-    """Head ``h``'s share of the attention output: ``z_h @ W_O[h]`` plus earlier writes."""
-
-    def get(out: Tensor, ctx: Ctx) -> Tensor:
-        z = ctx.captured[z_point][ctx.rows]
-        value = z[..., h, :] @ w_o()[h]
-        delta = ctx.state.get((h, ctx.rows.start, ctx.rows.stop))
-        return value if delta is None else value + delta
-
-    def put(out: Tensor, new: Tensor, ctx: Ctx) -> Tensor:
-        change = new - get(out, ctx)
-        key = (h, ctx.rows.start, ctx.rows.stop)
-        ctx.state[key] = ctx.state.get(key, 0) + change
-        return out + change
-
-    return get, put
+def _head_out(h: int, z: tuple[str, str], w_o: Callable[[], Tensor]) -> View:
+    """Head ``h``'s share of the attention output, from ``hook_z`` (captured) and ``W_O``."""
+    return views.head_out(h, lambda ctx: ctx.captured[z][ctx.rows][..., h, :], lambda ctx: w_o()[h])
 
 
 # -- running one pass --------------------------------------------------------------------
@@ -708,9 +582,9 @@ def _run_pass(model: Any, p: Pass, calls: list[Call], env: Env) -> Any:
                 fwd_hooks.append((path, _lens_hook(state, point)))
             else:
                 handles.append(install(state, point, resolver.modules[path]))
-        if resolver.hf_module is not None:
+        if resolver.plain is not None:
             capture = lambda m, a, out: raw.__setitem__("out", out)  # noqa: E731
-            handles.append(resolver.hf_module.register_forward_hook(capture))
+            handles.append(resolver.plain.register_forward_hook(capture))
         eager = any(io == "pattern" for _, io in state.points)
         try:
             with pattern_attention(resolver.hf_root, eager):
@@ -723,7 +597,7 @@ def _run_pass(model: Any, p: Pass, calls: list[Call], env: Env) -> Any:
             h.remove()
     if state.fired < state.points:
         raise ExecutionError(state.unfired_message())
-    output = raw.get("out") if resolver.hf_module is not None else logits
+    output = raw.get("out") if resolver.plain is not None else logits
     if 0 in p.runs and len(p.runs) > 1:
         output = slice_output(output, state.rows[0])
     return output

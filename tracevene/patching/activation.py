@@ -317,8 +317,7 @@ class _Prefix:
         token ids, padded or not: in an encoder every position sees every other, so
         nothing can be reused and every pass runs the whole input.
         """
-        bridged = model.backend.name == "transformer_lens"
-        hf = model.resolver.hf_module if bridged else model.module
+        hf = model.resolver.plain
         ids, mask = _ids_and_mask(base)
         if ids is None or hf is None or model.resolver.arch is None:
             return None

@@ -1,12 +1,15 @@
 """Per-architecture site tables: where each vocabulary site lives in a model.
 
 Adding an architecture is adding one ``Arch`` entry; backends never branch
-on the architecture.
+on the architecture. An entry holds every fact about its family: module paths
+(``Hook``), TransformerLens hook names (``Lens``, the ``tl`` column), causal LM or
+encoder, its language-model class, parallel attention, and why a site is missing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -43,6 +46,24 @@ class Hook:
 
 
 @dataclass(frozen=True)
+class Lens:
+    """Where a vocabulary site is on a TransformerLens engine (bridge or HookedTransformer).
+
+    TransformerLens hook points already have the vocabulary's head axis, so heads
+    need no cutting; ``attn.head[h]`` sites select a head on ``HEAD_DIM``.
+
+    Attributes:
+        names: Candidate hook names (``{i}``: layer); the first that runs wins.
+        view: ``"ident"``, ``"resid_mid"`` (this hook's tensor plus
+            ``blocks.{i}.hook_resid_pre``) or ``"head_out"`` (one head's share of the
+            output, from ``blocks.{i}.attn.hook_z`` and ``W_O``).
+    """
+
+    names: tuple[str, ...]
+    view: str = "ident"
+
+
+@dataclass(frozen=True)
 class Arch:
     """Where the vocabulary sites live in one family of Hugging Face models.
 
@@ -57,6 +78,15 @@ class Arch:
         unsupported: Vocabulary key -> why this family has no such site.
         unsupported_if: Vocabulary key -> ``(config flag, reason)``: the site is missing
             on models whose config sets the flag.
+        causal: A causal language model (``iv.load`` uses ``AutoModelForCausalLM``);
+            ``False`` for encoders.
+        lm_class: The Hugging Face class with the family's language-model head, whose
+            TransformerLens bridge adapter also serves a bare base model (without
+            the head); ``""``: none.
+        parallel: Attention and MLP both read resid_pre (so resid_mid does not
+            exist): ``True`` always, or the config flag that says so per model.
+        tl: Vocabulary key -> ``Lens`` on a TransformerLens bridge; empty: the
+            transformer_lens backend offers no vocabulary sites for the family.
     """
 
     name: str
@@ -66,6 +96,72 @@ class Arch:
     sites: dict[str, Hook]
     unsupported: dict[str, str] = field(default_factory=dict)
     unsupported_if: dict[str, tuple[str, str]] = field(default_factory=dict)
+    causal: bool = True
+    lm_class: str = ""
+    parallel: bool | str = False
+    tl: dict[str, Lens] = field(default_factory=dict)
+
+
+#: Why a model has no ``resid_mid`` when its attention and MLP run in parallel.
+PARALLEL = (
+    "this {name} model runs attention and MLP in parallel from resid_pre, so no residual "
+    "exists between them; read attn.out and mlp.out instead"
+)
+#: Why a model without a language-model head has no ``logits``.
+NO_HEAD = (
+    "a bare base model has no language-model head: load the model with its head, e.g. "
+    "AutoModelForCausalLM / AutoModelForMaskedLM, or read layer[-1].resid_post"
+)
+
+
+def unavailable(arch: Arch, key: str, config: Any) -> str | None:
+    """Why ``arch`` has no site ``key`` on a model with this config (``None``: it has)."""
+    if key in arch.unsupported:
+        return arch.unsupported[key]
+    flag, reason = arch.unsupported_if.get(key, (None, ""))
+    if flag and getattr(config, flag, False):
+        return reason
+    parallel = arch.parallel is True or (
+        isinstance(arch.parallel, str) and bool(getattr(config, arch.parallel, False))
+    )
+    if key == "resid_mid" and parallel:
+        return PARALLEL.format(name=arch.name)
+    return None
+
+
+#: TransformerLens's own names on a ``HookedTransformer`` (3.x).
+TL_HOOKED: dict[str, Lens] = {
+    "embed": Lens(("blocks.0.hook_resid_pre",)),
+    "resid_pre": Lens(("blocks.{i}.hook_resid_pre",)),
+    "attn.q": Lens(("blocks.{i}.attn.hook_q",)),
+    "attn.k": Lens(("blocks.{i}.attn.hook_k",)),
+    "attn.v": Lens(("blocks.{i}.attn.hook_v",)),
+    "attn.pattern": Lens(("blocks.{i}.attn.hook_pattern",)),
+    "attn.z": Lens(("blocks.{i}.attn.hook_z",)),
+    "attn.head_out": Lens(("blocks.{i}.hook_attn_out",), "head_out"),
+    "attn.out": Lens(("blocks.{i}.hook_attn_out",)),
+    "resid_mid": Lens(("blocks.{i}.hook_resid_mid",)),
+    "mlp.hidden": Lens(("blocks.{i}.mlp.hook_post",)),
+    "mlp.out": Lens(("blocks.{i}.hook_mlp_out",)),
+    "resid_post": Lens(("blocks.{i}.hook_resid_post",)),
+    "final": Lens(("unembed.hook_in",)),
+    "logits": Lens(("unembed.hook_out",)),
+}
+#: The same on a pre-norm ``TransformerBridge``. Its ``hook_resid_mid`` is the input hook
+#: of ``ln2`` (a write there reaches the MLP but not the residual stream), so resid_mid
+#: is ``resid_pre + attn.out`` at ``hook_attn_out``, as on the torch backend.
+TL_BRIDGE: dict[str, Lens] = {
+    **TL_HOOKED,
+    "attn.head_out": Lens(("blocks.{i}.attn.o.hook_out", "blocks.{i}.hook_attn_out"), "head_out"),
+    "resid_mid": Lens(("blocks.{i}.hook_attn_out",), "resid_mid"),
+    "final": Lens(("ln_final.hook_out", "unembed.hook_in")),
+}
+#: Post-LayerNorm encoders (BERT) on a bridge: before the residual add and the norm.
+TL_POST_LN: dict[str, Lens] = {
+    **TL_BRIDGE,
+    "attn.out": Lens(("blocks.{i}.attn.o.hook_out",)),
+    "resid_mid": Lens(("blocks.{i}.ln1.hook_out",)),
+}
 
 
 def _attention_sites(qkv: dict[str, Hook], attn: str, o_proj: str) -> dict[str, Hook]:
@@ -77,7 +173,7 @@ def _attention_sites(qkv: dict[str, Hook], attn: str, o_proj: str) -> dict[str, 
     }
 
 
-def _llama_like(name: str, types: tuple[str, ...]) -> Arch:
+def _llama_like(name: str, types: tuple[str, ...], lm_class: str = "") -> Arch:
     attn, o_proj = "{layer}.self_attn", "{layer}.self_attn.o_proj"
     qkv = {
         "attn.q": Hook(attn + ".q_proj", "output", "heads", "q"),
@@ -98,6 +194,8 @@ def _llama_like(name: str, types: tuple[str, ...]) -> Arch:
             "final": Hook("norm", "output"),
             "logits": Hook("^lm_head", "output"),
         },
+        lm_class=lm_class,
+        tl=TL_BRIDGE,
     )  # fmt: skip
 
 
@@ -122,6 +220,8 @@ GPT2 = Arch(
         "final": Hook("ln_f", "output"),
         "logits": Hook("^lm_head", "output"),
     },
+    lm_class="GPT2LMHeadModel",
+    tl=TL_BRIDGE,
 )  # fmt: skip
 
 GPT_NEOX = Arch(
@@ -145,13 +245,9 @@ GPT_NEOX = Arch(
         "final": Hook("final_layer_norm", "output"),
         "logits": Hook("^lm_head", "output"),
     },
-    unsupported_if={
-        "resid_mid": (
-            "use_parallel_residual",
-            "this GPT-NeoX model runs attention and MLP in parallel from resid_pre, so no "
-            "residual exists between them; read attn.out and mlp.out instead",
-        )
-    },
+    lm_class="GPTNeoXForCausalLM",
+    parallel="use_parallel_residual",
+    tl=TL_BRIDGE,
 )  # fmt: skip
 
 BERT = Arch(
@@ -177,14 +273,28 @@ BERT = Arch(
     unsupported={
         "final": "BERT is post-LayerNorm and has no final norm; read layer[-1].resid_post",
     },
+    causal=False,
+    lm_class="BertForMaskedLM",
+    tl=TL_POST_LN,
 )  # fmt: skip
 
-LLAMA = _llama_like("Llama", ("llama",))
-MISTRAL = _llama_like("Mistral", ("mistral",))
-QWEN2 = _llama_like("Qwen2", ("qwen2",))
-GEMMA = _llama_like("Gemma", ("gemma",))
+LLAMA = _llama_like("Llama", ("llama",), "LlamaForCausalLM")
+MISTRAL = _llama_like("Mistral", ("mistral",), "MistralForCausalLM")
+QWEN2 = _llama_like("Qwen2", ("qwen2",), "Qwen2ForCausalLM")
+GEMMA = _llama_like("Gemma", ("gemma",), "GemmaForCausalLM")
 
 ARCHES: tuple[Arch, ...] = (GPT2, GPT_NEOX, LLAMA, MISTRAL, QWEN2, GEMMA, BERT)
+
+#: TransformerLens's own architecture: hook points only, no Hugging Face modules (so
+#: no model types and no ``Hook`` paths); ``parallel`` is its ``cfg`` flag.
+HOOKED_TRANSFORMER = Arch(
+    "HookedTransformer", (), "", "blocks", {}, parallel="parallel_attn_mlp", tl=TL_HOOKED
+)
+
+
+def causal_types() -> frozenset[str]:
+    """The ``config.model_type`` values of every causal language-model family."""
+    return frozenset(t for arch in ARCHES if arch.causal for t in arch.model_types)
 
 
 def find_arch(module: nn.Module) -> tuple[Arch, str] | None:

@@ -4,40 +4,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ArgumentTypeError, SiteError, closest
-from .arch import Arch, Hook, find_arch
+from . import views
+from .arch import NO_HEAD, Arch, Hook, find_arch, unavailable
+from .views import HEAD_DIM, Getter, Setter, View
+from .views import Ctx as Ctx  # re-exported: the runtime builds a Ctx per hook firing
 from .vocab import Site, display, parse, vocabulary
-
-HEAD_DIM = {"attn.q": 2, "attn.k": 2, "attn.v": 2, "attn.z": 2, "attn.pattern": 1}
-
-
-@dataclass
-class Ctx:
-    """What a view may need besides the hooked tensor, for one firing of a hook.
-
-    Attributes:
-        module: The hooked module.
-        input: The module's first input (for output hooks), all batch rows.
-        captured: Tensors captured earlier in the same forward, by ``(path, io)``.
-        rows: The batch rows of the run being read or written.
-        state: Scratch space shared by the views of this firing.
-    """
-
-    module: nn.Module
-    input: Tensor | None = None
-    captured: dict[tuple[str, str], Tensor] = field(default_factory=dict)
-    rows: slice = field(default_factory=lambda: slice(None))
-    state: dict[Any, Tensor] = field(default_factory=dict)
-
-
-Getter = Callable[[Tensor, Ctx], Tensor]
-Setter = Callable[[Tensor, Tensor, Ctx], Tensor]
 
 
 @dataclass(frozen=True)
@@ -63,93 +41,6 @@ class Binding:
     captures: tuple[tuple[str, str], ...] = ()
 
 
-def _ident_get(x: Tensor, ctx: Ctx) -> Tensor:
-    return x
-
-
-def _ident_set(x: Tensor, new: Tensor, ctx: Ctx) -> Tensor:
-    return new
-
-
-def _heads_view(n: int, dh: int, part: int = 0, parts: int = 1) -> tuple[Getter, Setter]:
-    width = n * dh
-
-    def get(x: Tensor, ctx: Ctx) -> Tensor:
-        return x[..., part * width : (part + 1) * width].unflatten(-1, (n, dh))
-
-    def put(x: Tensor, new: Tensor, ctx: Ctx) -> Tensor:
-        if parts == 1:
-            return new.flatten(-2)
-        y = x.clone()
-        y[..., part * width : (part + 1) * width] = new.flatten(-2)
-        return y
-
-    return get, put
-
-
-def _interleaved_view(n: int, dh: int, part: int, parts: int) -> tuple[Getter, Setter]:
-    def get(x: Tensor, ctx: Ctx) -> Tensor:
-        return x.unflatten(-1, (n, parts, dh))[..., part, :]
-
-    def put(x: Tensor, new: Tensor, ctx: Ctx) -> Tensor:
-        y = x.clone()
-        y.unflatten(-1, (n, parts, dh))[..., part, :] = new
-        return y
-
-    return get, put
-
-
-def _head_weight(module: nn.Module, h: int, dh: int) -> Tensor:
-    """Rows of the output projection that head ``h`` writes through, as ``[dh, d_out]``."""
-    w = module.weight
-    if isinstance(module, nn.Linear):
-        return w[:, h * dh : (h + 1) * dh].T
-    return w[h * dh : (h + 1) * dh]  # transformers' Conv1D stores [d_in, d_out]
-
-
-def _head_out_view(h: int, dh: int) -> tuple[Getter, Setter]:
-    def get(out: Tensor, ctx: Ctx) -> Tensor:
-        z = ctx.input[ctx.rows][..., h * dh : (h + 1) * dh]
-        value = z @ _head_weight(ctx.module, h, dh)
-        delta = ctx.state.get((h, ctx.rows.start, ctx.rows.stop))
-        return value if delta is None else value + delta
-
-    def put(out: Tensor, new: Tensor, ctx: Ctx) -> Tensor:
-        old = get(out, ctx)
-        key = (h, ctx.rows.start, ctx.rows.stop)
-        ctx.state[key] = ctx.state.get(key, 0) + (new - old)
-        return out + (new - old)
-
-    return get, put
-
-
-def _resid_mid_view(layer_path: str) -> tuple[Getter, Setter]:
-    key = (layer_path, "input")
-
-    def get(out: Tensor, ctx: Ctx) -> Tensor:
-        return ctx.captured[key][ctx.rows] + out
-
-    def put(out: Tensor, new: Tensor, ctx: Ctx) -> Tensor:
-        return new - ctx.captured[key][ctx.rows]
-
-    return get, put
-
-
-def _select_head(view: tuple[Getter, Setter], dim: int, h: int) -> tuple[Getter, Setter]:
-    base_get, base_set = view
-    index = (slice(None),) * dim + (h,)
-
-    def get(x: Tensor, ctx: Ctx) -> Tensor:
-        return base_get(x, ctx)[index]
-
-    def put(x: Tensor, new: Tensor, ctx: Ctx) -> Tensor:
-        full = base_get(x, ctx).clone()
-        full[index] = new
-        return base_set(x, full, ctx)
-
-    return get, put
-
-
 def module_order(root: nn.Module) -> dict[str, tuple[int, int, int]]:
     """``path -> (pre-order index, index of last descendant, depth)`` for every module."""
     order: dict[str, tuple[int, int, int]] = {}
@@ -163,11 +54,44 @@ def module_order(root: nn.Module) -> dict[str, tuple[int, int, int]]:
     return order
 
 
+class SiteResolver(Protocol):
+    """What engines and the runtime use of a resolver: one per wrapped model.
+
+    Attributes:
+        arch: The model's site table (its ``name`` is shown in messages), or ``None``
+            where there is none (module sites only).
+        modules: Module path -> module, for ``t.module(path)`` sites and hooks.
+        plain: The Hugging Face module to call without any hook (generation's plain
+            steps, a patching sweep's clean prefix), or ``None`` where there is none.
+        n_layers: Blocks (``None`` without a site table); likewise ``n_heads``,
+            ``n_kv_heads``, ``d_model`` and ``d_head``.
+    """
+
+    arch: Arch | None
+    modules: dict[str, nn.Module]
+    plain: nn.Module | None
+    n_layers: int | None
+    n_heads: int | None
+    n_kv_heads: int | None
+    d_model: int | None
+    d_head: int | None
+
+    def sites(self) -> list[str]:
+        """Vocabulary sites this model offers, in forward order."""
+
+    def check(self, name: str) -> Site:
+        """Parse and validate a site name (``iv.SiteError`` if it is not valid here)."""
+
+    def bind(self, name: str) -> Binding:
+        """The ``Binding`` of a site name (validated, cached)."""
+
+
 class Resolver:
-    """Binds site names to the hook points of one model (cached)."""
+    """Binds site names to the module hooks of one model (cached): torch and nnsight."""
 
     def __init__(self, module: nn.Module):
         self.module = module
+        self.plain = module
         self.modules = dict(module.named_modules())
         self._order = module_order(module)
         found = find_arch(module)
@@ -217,11 +141,9 @@ class Resolver:
                 f"{some if paths else ''}."
             )
         check_range(site, display(name), self.n_layers, self.n_heads, self.n_kv_heads)
-        key = "attn.head_out" if site.key == "attn.out" and site.head is not None else site.key
-        if key in self.arch.unsupported:
-            raise SiteError(f"{display(name)} is not available: {self.arch.unsupported[key]}.")
-        flag, reason = self.arch.unsupported_if.get(key, (None, ""))
-        if flag and getattr(getattr(self.module, "config", None), flag, False):
+        key = table_key(site)
+        reason = unavailable(self.arch, key, getattr(self.module, "config", None))
+        if reason:
             raise SiteError(f"{display(name)} is not available: {reason}.")
         if key not in self.arch.sites:
             raise SiteError(
@@ -230,13 +152,7 @@ class Resolver:
             )
         path = self._path(self.arch.sites[key].path, site.layer)
         if path not in self.modules:
-            hint = (
-                " (a bare base model has no language-model head: load the model with its "
-                "head, e.g. AutoModelForCausalLM / AutoModelForMaskedLM, or read "
-                "layer[-1].resid_post)"
-                if key == "logits"
-                else ""
-            )
+            hint = f" ({NO_HEAD})" if key == "logits" else ""
             raise SiteError(
                 f"{display(name)} is not available on this {type(self.module).__name__}: it "
                 f"has no module {path!r}{hint}."
@@ -259,9 +175,8 @@ class Resolver:
     def _bind(self, site: Site) -> Binding:
         if site.kind == "module":
             order = (*self._key(site.key, site.io), 0)
-            return Binding(site, site.key, site.io, order, _ident_get, _ident_set)
-        key = "attn.head_out" if site.key == "attn.out" and site.head is not None else site.key
-        hook = self.arch.sites[key]
+            return Binding(site, site.key, site.io, order, *views.IDENT)
+        hook = self.arch.sites[table_key(site)]
         path = self._path(hook.path, site.layer)
         self._module(path)
         order_path, order_io = hook.order_as or (hook.path, hook.io)
@@ -284,24 +199,41 @@ class Resolver:
         pre, last, depth = self._order[path]
         return (2 * pre, depth) if io == "input" else (2 * last + 1, -depth)
 
-    def _view(self, hook: Hook, site: Site) -> tuple[Getter, Setter]:
+    def _view(self, hook: Hook, site: Site) -> View:
         n = self.n_kv_heads if hook.heads == "kv" else self.n_heads
         dh = self.d_head
         if hook.view == "head_out":
-            return _head_out_view(site.head, dh)
+            return _head_out(site.head, dh)
         if hook.view == "resid_mid":
-            view = _resid_mid_view(self._path("{layer}", site.layer))
+            view = views.resid_mid((self._path("{layer}", site.layer), "input"))
         elif hook.view == "heads":
-            view = _heads_view(n, dh)
+            view = views.heads(n, dh)
         elif hook.view.startswith(("split", "interleaved")):
             part, parts = (int(v) for v in re.findall(r"\d+", hook.view))
-            make = _heads_view if hook.view.startswith("split") else _interleaved_view
+            make = views.heads if hook.view.startswith("split") else views.interleaved
             view = make(n, dh, part, parts)
         else:
-            view = (_ident_get, _ident_set)
-        if site.head is not None:
-            view = _select_head(view, HEAD_DIM[site.key], site.head)
-        return view
+            view = views.IDENT
+        return head_of(view, site)
+
+
+def _head_out(h: int, dh: int) -> View:
+    """Head ``h``'s share of an output projection's output, from the projection's input."""
+    return views.head_out(
+        h,
+        lambda ctx: ctx.input[ctx.rows][..., h * dh : (h + 1) * dh],
+        lambda ctx: views.head_weight(ctx.module, h, dh),
+    )
+
+
+def table_key(site: Site) -> str:
+    """The table key of a vocabulary site (``attn.head[h].out`` is ``attn.head_out``)."""
+    return "attn.head_out" if site.key == "attn.out" and site.head is not None else site.key
+
+
+def head_of(view: View, site: Site) -> View:
+    """``view`` narrowed to the site's head, if it names one."""
+    return view if site.head is None else views.select_head(view, HEAD_DIM[site.key], site.head)
 
 
 def offered(check: Callable[[str], Any], n_layers: int) -> list[str]:
