@@ -33,12 +33,13 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..errors import ArgumentError, ArgumentTypeError, SiteError
+from ..errors import ArgumentError, SiteError
 from ..model import Model, as_model
 from ..runtime.inputs import tokenize
 from ..tracing.tracer import trace
 from .outputs import experiment, scored
 from .result import PatchResult
+from .runner import repeat
 
 Metric = Callable[[Any], Tensor]
 DIRECTIONS = ("denoise", "noise")
@@ -266,12 +267,7 @@ def _cells(n_layers: int, n_heads: int) -> list[tuple[int, ...]]:
 
 def _at(run: Any, key: tuple[int, ...], site: str) -> Any:
     """The site value of cell ``key`` (``(layer,)`` or ``(layer, head)``) in ``run``."""
-    scope = run.layer[key[0]]
-    if len(key) == 2:
-        scope = scope.attn.head[key[1]]
-    for part in site.split("."):
-        scope = getattr(scope, part)
-    return scope
+    return run.site(f"attn.{site}", *key) if len(key) == 2 else run.site(site, key[0])
 
 
 def _read_all(model: Model, inputs: Any, keys: list, site: str) -> dict[Any, Tensor]:
@@ -383,7 +379,7 @@ def _run_chunk(
     """
     n = len(chunk)
     start = _start(chunk[0][1]) if prefix is not None else 0
-    inputs = prefix.inputs(start, n) if start > 0 else _repeat(base, n)
+    inputs = prefix.inputs(start, n) if start > 0 else repeat(base, n)
     batch = next(iter(values.values())).shape[0]
     by_site: dict[Any, list[tuple[int, tuple[int, ...]]]] = {}
     for e, (key, pos) in enumerate(chunk):
@@ -418,14 +414,3 @@ def _write(
     ]
     source = torch.cat([value[(slice(None), *skip, *pos)] for _, pos in experiments])
     target[(rows, *skip, *index) if n_pos else rows] = source
-
-
-def _repeat(inputs: Any, n: int) -> Any:
-    if isinstance(inputs, Tensor):
-        return inputs.repeat(n, *([1] * (inputs.dim() - 1)))
-    if isinstance(inputs, Mapping):
-        return {k: _repeat(v, n) if isinstance(v, Tensor) else v for k, v in inputs.items()}
-    raise ArgumentTypeError(
-        f"patching takes token ids (a tensor [batch, pos]), a dict of tensors, or text "
-        f"(str / list[str], with a tokenizer), got {type(inputs).__name__}"
-    )

@@ -141,15 +141,6 @@ def _alphas(model: Model, site: str, n_pos: int) -> list[Tensor]:
     ]
 
 
-def _site(run: Any, layer: int, site: str) -> Any:
-    scope = run.layer[layer]
-    if site in HEAD_SITES:
-        scope = scope.attn
-    for part in site.split("."):
-        scope = getattr(scope, part)
-    return scope
-
-
 def _run(model: Model, base: Any, source: Any, alphas: Mapping[str, list[Tensor]]) -> Any:
     """One program: base and source runs; every site moved by ``alpha`` towards the source.
 
@@ -158,13 +149,10 @@ def _run(model: Model, base: Any, source: Any, alphas: Mapping[str, list[Tensor]
     with trace(model) as t:
         src = t.source()
         for site, per_layer in alphas.items():
+            name = f"attn.{site}" if site in HEAD_SITES else site
             for layer, alpha in enumerate(per_layer):
-                step = alpha * (_site(src, layer, site) - _site(t, layer, site))
-                scope = t.layer[layer].attn if site in HEAD_SITES else t.layer[layer]
-                parent, _, leaf = site.rpartition(".")
-                if parent:
-                    scope = getattr(scope, parent)
-                setattr(scope, leaf, getattr(scope, leaf) + step)
+                here = t.site(name, layer)
+                here += alpha * (src.site(name, layer) - here)
     return scored(t.program.run(model, base, [source]).output)
 
 

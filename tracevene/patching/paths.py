@@ -21,15 +21,16 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..errors import ArgumentError, ArgumentTypeError
 from ..model import Model, as_model
 from ..runtime.inputs import slice_output
 from ..tracing.tracer import trace
-from .activation import Metric, _repeat, input_shape, paired_inputs
-from .outputs import experiment, scored
+from .activation import Metric, input_shape, paired_inputs
+from .outputs import scored
 from .result import PatchResult
+from .runner import check_per_pass, repeat, run_stacked
+from .runner import rows as rows_of
 
 Position = int | Tensor | None
 FORMS = ("two_pass", "single_pass")
@@ -157,21 +158,15 @@ def path_patching(
     targets = _receivers(model, receivers)
     if form not in FORMS:
         raise ArgumentError(f"form={form!r}: choose 'two_pass' or 'single_pass'")
-    if experiments_per_pass < 1:
-        raise ArgumentError(f"experiments_per_pass={experiments_per_pass} must be at least 1")
+    check_per_pass(experiments_per_pass)
     orig, new = paired_inputs(model, orig, new, ("orig", "new"))
     caches = (_components(model, orig), _components(model, new))
     run = _single_pass if form == "single_pass" else _two_pass
-    batch = _batch(orig)
-    out = torch.empty(len(sets))
-    chunks = range(0, len(sets), experiments_per_pass)
-    for start in tqdm(chunks, desc="path patching", disable=not progress):
-        chunk = sets[start : start + experiments_per_pass]
-        scores = run(model, orig, chunk, targets, caches, freeze_mlps)
-        out[start : start + len(chunk)] = torch.stack([
-            torch.as_tensor(metric(experiment(scores, e, batch))).detach().float().cpu()
-            for e in range(len(chunk))
-        ])  # fmt: skip
+    out = run_stacked(
+        sets, lambda chunk: run(model, orig, chunk, targets, caches, freeze_mlps), metric,
+        _batch(orig), experiments_per_pass=experiments_per_pass, progress=progress,
+        desc="path patching",
+    )  # fmt: skip
     return PatchResult(out.reshape(shape), axes, "path", "noise", "path patching")
 
 
@@ -311,11 +306,9 @@ def _write_frozen(run: Any, writes: _Writes, targets: list[Node], rows: Any) -> 
 
 def _site(run: Any, node: Node) -> Any:
     """A node's site in ``run`` (for an MLP or all of a head's inputs, its output)."""
-    if isinstance(node, Mlp):
-        return run.layer[node.layer].mlp.out
-    if isinstance(node, Resid):
-        return run.layer[node.layer].resid_pre
-    return getattr(run.layer[node.layer].attn.head[node.head], node.input or "z")
+    if isinstance(node, Head):
+        return run.site(f"attn.{node.input or 'z'}", node.layer, node.head)
+    return run.site("mlp.out" if isinstance(node, Mlp) else "resid_pre", node.layer)
 
 
 def _two_pass(model, orig, chunk, targets, caches, freeze_mlps) -> Any:
@@ -325,7 +318,7 @@ def _two_pass(model, orig, chunk, targets, caches, freeze_mlps) -> Any:
     with trace(model) as t:
         saved = [_site(t, node).save() for node in targets]
         _write_frozen(t, writes, targets, slice(None))
-    inputs = _repeat(orig, n)
+    inputs = repeat(orig, n)
     with torch.no_grad():
         first = t.program.run(model, inputs)
     if not targets:
@@ -349,7 +342,7 @@ def _single_pass(model, orig, chunk, targets, caches, freeze_mlps) -> Any:
             _site(t, node)[rows + half, pos] = _site(t, node)[rows, pos]
         _write_frozen(t, writes, targets, slice(0, half))
     with torch.no_grad():
-        out = scored(t.program.run(model, _repeat(orig, 2 * n)).output)
+        out = scored(t.program.run(model, repeat(orig, 2 * n)).output)
     return slice_output(out, slice(half, None) if targets else slice(0, half))
 
 
@@ -360,8 +353,7 @@ def _rows0(batch: int) -> Tensor:
 
 def _index(e: int, batch: int, pos: Position) -> tuple[Any, Any]:
     """Row and position indices of experiment ``e``'s copy of the batch."""
-    rows = torch.arange(e * batch, (e + 1) * batch)
-    return rows, _positions(pos, batch)
+    return rows_of(e, batch), _positions(pos, batch)
 
 
 def _all_rows(n: int, batch: int, pos: Position) -> tuple[Tensor, Any]:

@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import SiteError, TraceError, closest
 from ..ir.nodes import Node, Ref
 from ..ir.program import Program
-from ..sites.vocab import check_child
+from ..sites.vocab import ATTN_SITES, LAYER_SITES, MLP_SITES, TOP_SITES, check_child
 from .values import Alias, Saved, Value, _find_tracer
 
 if TYPE_CHECKING:
@@ -366,6 +366,40 @@ class Run(_Scope):
     def __init__(self, tracer: Tracer, run: int):
         super().__init__(tracer, run, "", "run", "t" if run == 0 else f"src{run}")
 
+    def site(self, name: str, layer: int | None = None, head: int | None = None) -> SiteValue:
+        """A site of this run by its name: ``t.site("attn.z", layer=3, head=2)``.
+
+        The same value (and the same program) as the attribute path:
+        ``t.site("attn.z", layer=3, head=2)`` is ``t.layer[3].attn.head[2].z``,
+        ``t.site("resid_pre", layer=0)`` is ``t.layer[0].resid_pre`` and
+        ``t.site("logits")`` is ``t.logits``; writes through it (``site[:, 4] = v``,
+        ``site += v``) write the site.
+
+        Args:
+            name: A site without its layer and head: ``"embed"``, ``"final"``,
+                ``"logits"``, ``"resid_pre"``, ``"resid_mid"``, ``"resid_post"``,
+                ``"attn.q"`` / ``k`` / ``v`` / ``pattern`` / ``z`` / ``out``,
+                ``"mlp.hidden"``, ``"mlp.out"``.
+            layer: The layer, for every site but ``embed``, ``final`` and ``logits``
+                (negative counts from the end).
+            head: One head of an ``attn.*`` site, or ``None`` for all heads.
+
+        Returns:
+            The site's value in this run.
+
+        Raises:
+            SiteError: An unknown name, a missing or unwanted layer, a head on a site
+                that has no heads, or a layer or head out of range.
+        """
+        _check_site_name(name, layer, head)
+        scope: Any = self if layer is None else self.layer[layer]
+        parts = name.split(".")
+        if head is not None:
+            scope, parts = scope.attn.head[head], parts[1:]
+        for part in parts:
+            scope = getattr(scope, part)
+        return scope
+
     def module(self, path: str) -> _ModuleSites:
         """Sites of any submodule: ``t.module("transformer.h.3.mlp").output``."""
         return _ModuleSites(self._tracer, self._run, path)
@@ -417,6 +451,30 @@ class Run(_Scope):
 
     def __repr__(self) -> str:
         return f"<run {self._where}>"
+
+
+_LAYER_KEYS = (*LAYER_SITES, *(f"attn.{s}" for s in ATTN_SITES), *(f"mlp.{s}" for s in MLP_SITES))
+
+
+def _check_site_name(name: Any, layer: Any, head: Any) -> None:
+    """Refuse a name ``Run.site`` does not know, or a layer or head it cannot take."""
+    valid = (*TOP_SITES, *_LAYER_KEYS)
+    if name not in valid:
+        near = ", ".join(closest(str(name), valid))
+        raise SiteError(
+            f"run.site({name!r}): not a site name; closest: {near} (all: {', '.join(valid)}). "
+            "Give the layer and head as arguments: run.site('attn.z', layer=3, head=2)."
+        )
+    where = f"run.site({name!r}, layer={layer!r}, head={head!r})"
+    if name in TOP_SITES and (layer is not None or head is not None):
+        raise SiteError(
+            f"{where}: {name} has no layers or heads; call run.site({name!r}) alone."
+        )
+    if name in _LAYER_KEYS and layer is None:
+        raise SiteError(f"{where}: {name} is a per-layer site; give layer=i (0 .. n_layers - 1).")
+    if head is not None and not name.startswith("attn."):
+        heads = ", ".join(f"attn.{s}" for s in ATTN_SITES)
+        raise SiteError(f"{where}: {name} has no heads; head= goes with {heads}.")
 
 
 # -- module calls on traced values ------------------------------------------------------
