@@ -182,7 +182,7 @@ def sites(model: nn.Module, layer: int = 0) -> dict[str, Site]:
             "mlp_out": post(f"{b}.mlp"), "resid_post": post(b),
             "final": post("gpt_neox.final_layer_norm"), "logits": post("lm_head"),
         }  # fmt: skip
-    if kind in ("llama", "mistral", "qwen2"):
+    if kind in ("llama", "mistral", "qwen2", "qwen3"):
         b, c = f"model.layers.{layer}", model.config
         n, kv = c.num_attention_heads, c.num_key_value_heads
         dh = getattr(c, "head_dim", None) or c.hidden_size // n

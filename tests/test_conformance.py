@@ -72,10 +72,12 @@ def _args(module: ModuleType) -> dict:
 
 
 @functools.cache
-def _expected(path: Path) -> dict[str, torch.Tensor]:
+def _expected(path: Path, name: str | None = None) -> dict[str, torch.Tensor]:
+    """The reference results of a program on its own model, or on the model ``name``."""
     module = _program_module(path)
-    base, sources = _inputs(module.MODEL, module.N_SOURCES)
-    return REFS[path.stem](_hf_model(module.MODEL), base, sources, **_args(module))
+    name = name or module.MODEL
+    base, sources = _inputs(name, module.N_SOURCES)
+    return REFS[path.stem](_hf_model(name), base, sources, **_args(module))
 
 
 def test_suite_is_complete():
@@ -136,19 +138,45 @@ def test_program_matches_reference(path: Path, schedule: str, backend: str):
         with pytest.raises(getattr(iv, module.RAISES), match=module.MATCH):
             module.record(model)
         return
-    expected = _expected(path)
+    _check_program(module, model, _expected(path), module.MODEL, schedule)
+
+
+#: Programs that also run on the architectures added as table entries, by the sites they
+#: use (every site kind written, or read, in one program): (program, architecture) pairs.
+_EVERY_SITE = ["qwen3"]
+MORE_ARCHS = [
+    *((stem, arch) for stem in ("44_llama_every_site", "47_mistral_read_every_site")
+      for arch in _EVERY_SITE),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["torch", "nnsight"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize(("stem", "arch"), MORE_ARCHS, ids="-".join)
+def test_program_on_more_architectures(stem: str, arch: str, schedule: str, backend: str):
+    """A conformance program recorded and run on another architecture than its own."""
+    path = CONFORMANCE / f"{stem}.py"
+    module = _program_module(path)
+    model = iv.wrap(_hf_model(arch), backend=backend)
+    _check_program(module, model, _expected(path, arch), arch, schedule)
+
+
+def _check_program(module: ModuleType, model: iv.Model, expected: dict, name: str,
+                   schedule: str) -> None:  # fmt: skip
+    """Record ``module``'s program on ``model`` (built from model ``name``), run it with
+    ``schedule`` and compare every save and the output with ``expected``."""
     program = module.record(model)
     assert isinstance(program, iv.Program)
     assert program.n_sources == module.N_SOURCES
-    assert program.saves, f"{path.name} saves nothing to compare"
+    assert program.saves, f"{module.__name__} saves nothing to compare"
     assert set(program.saves) == {k for k in expected if not k.startswith("output.")}
 
-    base, sources = _inputs(module.MODEL, module.N_SOURCES)
+    base, sources = _inputs(name, module.N_SOURCES)
     result = program.run(model, base, sources, schedule=schedule, **_args(module))
 
     magnitude = getattr(module, "MAGNITUDE", 0.0)
-    for name in program.saves:
-        _assert_close(result[name], expected[name], name, magnitude)
+    for save in program.saves:
+        _assert_close(result[save], expected[save], save, magnitude)
     for key in (k for k in expected if k.startswith("output.")):
         got = getattr(result.output, key.removeprefix("output."))
         _assert_close(got, expected[key], key, magnitude)

@@ -25,7 +25,7 @@ from tests import models as M
 from tests import numerics
 
 ARCHS = [*M.DECODERS, "minilm"]
-PRE_LN = ["gpt2", "llama", "qwen2", "mistral"]  # resid_mid = resid_pre + attn.out
+PRE_LN = ["gpt2", "llama", "qwen2", "mistral", "qwen3"]  # resid_mid = resid_pre + attn.out
 
 
 # -- independent per-architecture facts (from the Hugging Face sources) -------------
@@ -73,6 +73,7 @@ REFS = {
     "llama": _LLAMA,
     "qwen2": _LLAMA,
     "mistral": _LLAMA,
+    "qwen3": _LLAMA,
     "minilm": Ref(
         "encoder.layer", "attention.self", "attention.self.query", "attention.self.key",
         "attention.self.value", None, "attention.output.dense", "attention.output.dense",
@@ -122,7 +123,7 @@ def case(name: str) -> Case:
         hf, call = _minilm()
         base = dict(call)
     else:
-        hf = M.DECODERS[name]()
+        hf = M.DECODERS[name](attn_implementation="eager")  # for output_attentions
         base = M.tokens(2, 6)
         call = {"input_ids": base, "use_cache": False}
     cfg = hf.config
@@ -402,7 +403,7 @@ def test_sites_listing(name):
     attn = {f"attn.{k}" for k in ("q", "k", "v", "pattern", "z", "out")}
     heads = {f"attn.head[{{h}}].{k}" for k in ("q", "k", "v", "pattern", "z", "out")}
     common = {"resid_pre", "mlp.hidden", "mlp.out", "resid_post"} | attn | heads
-    if name == "neox":  # parallel attention + MLP: no residual between them
+    if REFS[name].mid is None:  # parallel attention + MLP: no residual between them
         assert per_layer == common
     else:
         assert per_layer == common | {"resid_mid"}
@@ -482,7 +483,7 @@ def test_attention_algebra(name):
                     pat=a.pattern.save(), v=a.v.save(), z=a.z.save(), out=a.out.save(),
                     heads=[a.head[h].out.save() for h in range(c.H)],
                     pre=t.layer[i].resid_pre.save(),
-                    mid=t.layer[i].resid_mid.save() if name != "neox" else None,
+                    mid=t.layer[i].resid_mid.save() if r.mid else None,
                 )
             )  # fmt: skip
     for i, s in enumerate(saved):

@@ -282,8 +282,9 @@ LLAMA = _llama_like("Llama", ("llama",), "LlamaForCausalLM")
 MISTRAL = _llama_like("Mistral", ("mistral",), "MistralForCausalLM")
 QWEN2 = _llama_like("Qwen2", ("qwen2",), "Qwen2ForCausalLM")
 GEMMA = _llama_like("Gemma", ("gemma",), "GemmaForCausalLM")
+QWEN3 = _llama_like("Qwen3", ("qwen3",), "Qwen3ForCausalLM")
 
-ARCHES: tuple[Arch, ...] = (GPT2, GPT_NEOX, LLAMA, MISTRAL, QWEN2, GEMMA, BERT)
+ARCHES: tuple[Arch, ...] = (GPT2, GPT_NEOX, LLAMA, MISTRAL, QWEN2, GEMMA, QWEN3, BERT)
 
 #: TransformerLens's own architecture: hook points only, no Hugging Face modules (so
 #: no model types and no ``Hook`` paths); ``parallel`` is its ``cfg`` flag.
