@@ -21,8 +21,14 @@ ATTENTION_NAME = "tracevene_eager"
 PATTERN_HOOKS: dict[int, Any] = {}
 
 
-def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
-    """Eager attention with a hook on the probabilities (same numbers as HF's eager)."""
+def _attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kw
+):
+    """Eager attention with a hook on the probabilities (same numbers as HF's eager).
+
+    ``softcap`` is Gemma 2's attention-logit soft-capping (``cap * tanh(scores / cap)``
+    before the mask), which HF's eager attention of those models applies.
+    """
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     groups = query.shape[1] // key.shape[1]
@@ -30,6 +36,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        weights = torch.tanh(weights / softcap) * softcap
     if attention_mask is not None:
         weights = weights + attention_mask[..., : key.shape[-2]]
     weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
