@@ -96,9 +96,20 @@ def _steps(model: Any, p: Pass, state: PassRun) -> list[_Step]:
         step = steps.setdefault((path, io), _Step(key(path, io), path, io))
         step.point = (path, io)
         if io == "output":
-            inp = steps.setdefault((path, "input"), _Step(key(path, "input"), path, "input"))
+            inp = steps.setdefault((path, "input"), _Step(_input_key(key, path), path, "input"))
             inp.keep = True
     return sorted(steps.values(), key=lambda s: s.key)
+
+
+def _input_key(key: Any, path: str) -> tuple:
+    """Where the worker takes the input of a module whose output it visits.
+
+    At the module's own place in the tree, unless the output's site takes its forward
+    place from a module that runs earlier (``Hook.order_as``: a norm registered after
+    the MLP it runs before); then just before that output.
+    """
+    own, out = key(path, "input"), key(path, "output")
+    return own if own < out else (*out[:-1], out[-1] - 0.5)
 
 
 class _Call:
