@@ -151,6 +151,26 @@ def _dims(model: nn.Module, layer: int) -> tuple[int, int, int]:
     return n, getattr(cfg, "num_key_value_heads", None) or n, dh
 
 
+def sites_llama_like(model: nn.Module, layer: int) -> dict[str, Site]:
+    """Sites of a Llama-like model (pre-norm, separate q/k/v projections, gated MLP)."""
+    post = lambda p: Site(p, "post")  # noqa: E731
+    pre = lambda p: Site(p, "pre")  # noqa: E731
+    b, c = f"model.layers.{layer}", model.config
+    n, kv = c.num_attention_heads, c.num_key_value_heads
+    dh = getattr(c, "head_dim", None) or c.hidden_size // n
+    return {
+        "embed": post("model.embed_tokens"), "resid_pre": pre(b),
+        "q": Site(f"{b}.self_attn.q_proj", "post", *_heads(n, dh)),
+        "k": Site(f"{b}.self_attn.k_proj", "post", *_heads(kv, dh)),
+        "v": Site(f"{b}.self_attn.v_proj", "post", *_heads(kv, dh)),
+        "pattern": Site(f"{b}.self_attn", "attn"),
+        "z": Site(f"{b}.self_attn.o_proj", "pre", *_heads(n, dh)),
+        "attn_out": post(f"{b}.self_attn"), "resid_mid": pre(f"{b}.post_attention_layernorm"),
+        "hidden": pre(f"{b}.mlp.down_proj"), "mlp_out": post(f"{b}.mlp"),
+        "resid_post": post(b), "final": post("model.norm"), "logits": post("lm_head"),
+    }  # fmt: skip
+
+
 def sites(model: nn.Module, layer: int = 0) -> dict[str, Site]:
     """This model's sites at ``layer`` (and the top-level ones)."""
     kind = model.config.model_type
@@ -183,20 +203,12 @@ def sites(model: nn.Module, layer: int = 0) -> dict[str, Site]:
             "final": post("gpt_neox.final_layer_norm"), "logits": post("lm_head"),
         }  # fmt: skip
     if kind in ("llama", "mistral", "qwen2", "qwen3"):
-        b, c = f"model.layers.{layer}", model.config
-        n, kv = c.num_attention_heads, c.num_key_value_heads
-        dh = getattr(c, "head_dim", None) or c.hidden_size // n
-        return {
-            "embed": post("model.embed_tokens"), "resid_pre": pre(b),
-            "q": Site(f"{b}.self_attn.q_proj", "post", *_heads(n, dh)),
-            "k": Site(f"{b}.self_attn.k_proj", "post", *_heads(kv, dh)),
-            "v": Site(f"{b}.self_attn.v_proj", "post", *_heads(kv, dh)),
-            "pattern": Site(f"{b}.self_attn", "attn"),
-            "z": Site(f"{b}.self_attn.o_proj", "pre", *_heads(n, dh)),
-            "attn_out": post(f"{b}.self_attn"), "resid_mid": pre(f"{b}.post_attention_layernorm"),
-            "hidden": pre(f"{b}.mlp.down_proj"), "mlp_out": post(f"{b}.mlp"),
-            "resid_post": post(b), "final": post("model.norm"), "logits": post("lm_head"),
-        }  # fmt: skip
+        return sites_llama_like(model, layer)
+    if kind == "gemma2":  # norms before and after attention and MLP
+        b = f"model.layers.{layer}"
+        llama = sites_llama_like(model, layer)
+        return {**llama, "resid_mid": pre(f"{b}.pre_feedforward_layernorm"),
+                "mid_add": post(f"{b}.post_attention_layernorm")}  # fmt: skip
     if kind == "bert":
         b, c = f"encoder.layer.{layer}", model.config
         n = c.num_attention_heads
@@ -297,9 +309,15 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    softcap = kwargs.get("softcap")
+    if softcap is not None:  # Gemma 2: cap * tanh(scores / cap)
+        scores = torch.tanh(scores / softcap) * softcap
     if getattr(module, "is_causal", False):
         p, s = scores.shape[-2:]
         future = torch.ones(p, s, dtype=torch.bool, device=scores.device).triu(1 + s - p)
+        window = getattr(module, "sliding_window", None)
+        if window:  # a query sees the last `window` keys, itself included
+            future |= torch.ones_like(future).tril(s - p - window)
         scores = scores.masked_fill(future, float("-inf"))
     probs = scores.softmax(-1)
     for site, fn in _PROB_HOOKS.get(id(module), ()):
@@ -430,14 +448,16 @@ def _(m, base, sources):
 
 
 def resid_mid_write(m, layer: int, fn) -> list[Spec]:
-    """Write resid_mid = resid_pre + attn_out by changing the attention output."""
+    """Write resid_mid = resid_pre + attn_out by changing the attention output (or, where
+    the block norms it before the residual add, the output of that norm: ``mid_add``)."""
     pre: dict[str, Tensor] = {}
+    added = sites(m, layer).get("mid_add", S(m, "attn_out", layer))
 
     def on_attn(a):
         new = fn(pre["x"] + a)
         return None if new is None else new - pre["x"]
 
-    return [(S(m, "resid_pre", layer), grab(pre, "x")), (S(m, "attn_out", layer), on_attn)]
+    return [(S(m, "resid_pre", layer), grab(pre, "x")), (added, on_attn)]
 
 
 def _resid_mid_ref(m, base, sources, layer, index, **saves):

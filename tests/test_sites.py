@@ -50,6 +50,7 @@ class Ref:
     mlp_out: str
     final: str | None
     lm_head: str | None
+    mid_add: str | None = None  # module whose output is added to resid_pre (None: attn_out)
 
 
 _LLAMA = Ref(
@@ -57,6 +58,15 @@ _LLAMA = Ref(
     None, "self_attn.o_proj", "self_attn", ("post_attention_layernorm", "input"),
     (("mlp.act_fn", "output"), ("mlp.up_proj", "output")), ("mlp.down_proj", "input"),
     "mlp", "model.norm", "lm_head",
+)  # fmt: skip
+
+# Gemma 2 / 3: the attention output is normed before the residual add; the residual
+# between attention and MLP is the input of pre_feedforward_layernorm.
+_GEMMA2 = Ref(
+    "model.layers", "self_attn", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+    None, "self_attn.o_proj", "self_attn", ("pre_feedforward_layernorm", "input"),
+    (("mlp.act_fn", "output"), ("mlp.up_proj", "output")), ("mlp.down_proj", "input"),
+    "mlp", "model.norm", "lm_head", mid_add="post_attention_layernorm",
 )  # fmt: skip
 
 REFS = {
@@ -74,6 +84,7 @@ REFS = {
     "qwen2": _LLAMA,
     "mistral": _LLAMA,
     "qwen3": _LLAMA,
+    "gemma2": _GEMMA2,
     "minilm": Ref(
         "encoder.layer", "attention.self", "attention.self.query", "attention.self.key",
         "attention.self.value", None, "attention.output.dense", "attention.output.dense",
@@ -146,13 +157,16 @@ def _with_first(x: Any, new: Tensor) -> Any:
 def _eager(edit: Callable[[nn.Module, Tensor], Tensor]) -> Callable:
     """An eager attention function (as in HF's modeling files) that edits the weights."""
 
-    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                  softcap=None, **kw):  # fmt: skip
         if scaling is None:
             scaling = query.size(-1) ** -0.5
         rep = query.shape[1] // key.shape[1]
         key = key.repeat_interleave(rep, dim=1)
         value = value.repeat_interleave(rep, dim=1)
         w = torch.matmul(query, key.transpose(2, 3)) * scaling
+        if softcap is not None:  # Gemma 2: attention-logit soft-capping
+            w = torch.tanh(w / softcap) * softcap
         if attention_mask is not None:
             w = w + attention_mask[:, :, :, : key.shape[-2]]
         w = nn.functional.softmax(w, dim=-1)
@@ -616,7 +630,8 @@ def _plain_edit(c: Case, site: str, change: Callable[[Tensor], Tensor]):
             mid = pre["x"] + out
             return out + (change(mid) - mid)
 
-        return [(L, "input", keep_pre), (f"{L}.{r.attn_out}", "output", mid_edit)], None
+        added = f"{L}.{r.mid_add or r.attn_out}"
+        return [(L, "input", keep_pre), (added, "output", mid_edit)], None
     if key == "mlp.hidden":
         path, io = r.hidden_write
         path = f"{L}.{path}"

@@ -8,7 +8,7 @@ encoder, its language-model class, parallel attention, and why a site is missing
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -199,6 +199,29 @@ def _llama_like(name: str, types: tuple[str, ...], lm_class: str = "") -> Arch:
     )  # fmt: skip
 
 
+def _post_norm_like(name: str, types: tuple[str, ...], **fields) -> Arch:
+    """Llama-like blocks that norm the attention output before the residual add.
+
+    resid_mid is resid_pre plus post_attention_layernorm's output (which the module tree
+    registers after the MLP, hence ``order_as``); attn.out and mlp.out stay the attention
+    and MLP modules' outputs, before their post-norms.
+    """
+    arch = _llama_like(name, types)
+    mid = Hook("{layer}.post_attention_layernorm", "output", "resid_mid",
+               order_as=("{layer}.self_attn", "output"), sub=1)  # fmt: skip
+    return replace(arch, sites={**arch.sites, "resid_mid": mid}, **fields)
+
+
+_SOFTCAPPED_LOGITS = {
+    "logits": (
+        "final_logit_softcapping",
+        "this model soft-caps its logits after lm_head (config.final_logit_softcapping), "
+        "so no module outputs them; read t.output.logits, or t.module('lm_head').output "
+        "for the logits before the cap",
+    )
+}
+
+
 GPT2 = Arch(
     "GPT-2", ("gpt2",), "transformer", "h",
     {
@@ -283,8 +306,12 @@ MISTRAL = _llama_like("Mistral", ("mistral",), "MistralForCausalLM")
 QWEN2 = _llama_like("Qwen2", ("qwen2",), "Qwen2ForCausalLM")
 GEMMA = _llama_like("Gemma", ("gemma",), "GemmaForCausalLM")
 QWEN3 = _llama_like("Qwen3", ("qwen3",), "Qwen3ForCausalLM")
+GEMMA2 = _post_norm_like(
+    "Gemma 2", ("gemma2",), unsupported_if=_SOFTCAPPED_LOGITS, lm_class="Gemma2ForCausalLM",
+    tl={},  # its bridge's post-norm hook names are not mapped yet: t.hook / t.module there
+)  # fmt: skip
 
-ARCHES: tuple[Arch, ...] = (GPT2, GPT_NEOX, LLAMA, MISTRAL, QWEN2, GEMMA, QWEN3, BERT)
+ARCHES: tuple[Arch, ...] = (GPT2, GPT_NEOX, LLAMA, MISTRAL, QWEN2, GEMMA, QWEN3, GEMMA2, BERT)
 
 #: TransformerLens's own architecture: hook points only, no Hugging Face modules (so
 #: no model types and no ``Hook`` paths); ``parallel`` is its ``cfg`` flag.
