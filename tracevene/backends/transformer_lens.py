@@ -65,10 +65,12 @@ from ..runtime.inputs import Call, batch_size, can_batch, concat, slice_output, 
 from ..runtime.interpret import Env
 from ..runtime.plan import Pass
 from ..sites import views
-from ..sites.arch import HOOKED_TRANSFORMER, NO_HEAD, Arch, find_arch, unavailable
-from ..sites.bind import Binding, check_range, head_of, offered, table_key
+from ..sites.arch import HOOKED_TRANSFORMER, NO_HEAD, Arch, find_arch
+from ..sites.bind import Binding, available_key, head_of, offered, table_key
 from ..sites.views import View
 from ..sites.vocab import Site, display, parse
+
+ON_TL = " on the transformer_lens backend"
 
 try:
     from transformer_lens.model_bridge import TransformerBridge
@@ -329,16 +331,7 @@ class LensResolver:
                 "transformer_lens backend; use t.hook(name) (hook names: "
                 f"{', '.join(list(self.points)[:6])}, ...)."
             )
-        check_range(site, where, self.n_layers, self.n_heads, self.n_kv_heads)
-        key = table_key(site)
-        reason = unavailable(self.table, key, self.config)
-        if reason:
-            raise SiteError(f"{where} is not available: {reason}.")
-        if key not in self.table.tl:
-            raise SiteError(
-                f"{where} is not available on {self.table.name} models on the "
-                f"transformer_lens backend (sites: {', '.join(sorted(self.table.tl))})."
-            )
+        key = available_key(self, site, where, self.table, self.table.tl, self.config, ON_TL)
         names = [n.format(i=site.layer) for n in self.table.tl[key].names]
         self._refresh()
         for n in names:

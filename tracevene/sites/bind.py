@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -140,16 +140,8 @@ class Resolver:
                 "module.named_modules() and '' is the module itself"
                 f"{some if paths else ''}."
             )
-        check_range(site, display(name), self.n_layers, self.n_heads, self.n_kv_heads)
-        key = table_key(site)
-        reason = unavailable(self.arch, key, getattr(self.module, "config", None))
-        if reason:
-            raise SiteError(f"{display(name)} is not available: {reason}.")
-        if key not in self.arch.sites:
-            raise SiteError(
-                f"{display(name)} is not available on {self.arch.name} models "
-                f"(sites: {', '.join(sorted(self.arch.sites))})."
-            )
+        config = getattr(self.module, "config", None)
+        key = available_key(self, site, display(name), self.arch, self.arch.sites, config)
         path = self._path(self.arch.sites[key].path, site.layer)
         if path not in self.modules:
             hint = f" ({NO_HEAD})" if key == "logits" else ""
@@ -229,6 +221,38 @@ def _head_out(h: int, dh: int) -> View:
 def table_key(site: Site) -> str:
     """The table key of a vocabulary site (``attn.head[h].out`` is ``attn.head_out``)."""
     return "attn.head_out" if site.key == "attn.out" and site.head is not None else site.key
+
+
+def available_key(
+    resolver: Any, site: Site, where: str, arch: Arch, columns: Mapping[str, Any],
+    config: Any, engine: str = "",
+) -> str:
+    """The table key of ``site`` once its layer and head are in range and its family offers it.
+
+    Args:
+        resolver: The resolver binding it (its sizes).
+        site: The parsed vocabulary site.
+        where: The site as the messages name it.
+        arch: The family's table entry.
+        columns: The table column the engine binds from (``arch.sites`` or ``arch.tl``).
+        config: The model's config, for sites that depend on it.
+        engine: Appended to the "not available on ... models" message (e.g. " on the
+            transformer_lens backend").
+
+    Raises:
+        SiteError: Out of range, unavailable on this model, or not in the column.
+    """
+    check_range(site, where, resolver.n_layers, resolver.n_heads, resolver.n_kv_heads)
+    key = table_key(site)
+    reason = unavailable(arch, key, config)
+    if reason:
+        raise SiteError(f"{where} is not available: {reason}.")
+    if key not in columns:
+        raise SiteError(
+            f"{where} is not available on {arch.name} models{engine} "
+            f"(sites: {', '.join(sorted(columns))})."
+        )
+    return key
 
 
 def head_of(view: View, site: Site) -> View:
