@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import threading
 import weakref
@@ -21,7 +22,7 @@ from ..sites.bind import Resolver
 from .cache import SourceCache, cacheable, compact, handed_on, pass_key
 from .inputs import Call, can_batch, check_padding, to_call
 from .interpret import Env
-from .plan import Pass, make_plan
+from .plan import Pass, PlanCache
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -47,6 +48,11 @@ class Backend(ABC):
     """
 
     name: str = ""
+
+    @functools.cached_property
+    def plans(self) -> PlanCache:
+        """The plans of the programs this backend ran, reused by their later runs."""
+        return PlanCache()
 
     def prepare(self, module: nn.Module) -> nn.Module:
         """The module this backend runs (the caller's, or a private copy)."""
@@ -109,13 +115,10 @@ class Backend(ABC):
         calls = [self.to_call(model, x, forward_kwargs) for x in inputs]
         check_padding(program, calls)
 
-        def locate(site: str) -> tuple[tuple[str, str], tuple]:
-            b = model.resolver.bind(site)
-            return (b.path, b.io), b.order
-
-        mode = run_mode(schedule, model.device)
-        plan = make_plan(program, locate, mode, self.can_batch(model, calls))
-        env = Env(program, dict(args), model.device)
+        device = model.device
+        mode = run_mode(schedule, device)
+        plan = self.plans.plan(program, model.resolver.bind, mode, self.can_batch(model, calls))
+        env = Env(program, dict(args), device)
         grad = torch.is_grad_enabled() and needs_grad(program, args)
         output = None
         # cached(): a rotation shared by many sites is materialised once per run
@@ -129,8 +132,8 @@ class Backend(ABC):
                 out = self.run_pass(model, p, run_calls, env)
                 if 0 in p.runs:
                     output = out
-        values = {n.id: env.values[n.id] for n in program.nodes if n.op == "save"}
-        saves = {n.target: values[n.id] for n in program.nodes if n.op == "save" and n.target}
+        values = {n.id: env.values[n.id] for n in plan.saves}
+        saves = {n.target: values[n.id] for n in plan.saves if n.target}
         return Result(saves, output, values, plan, program)
 
     def _cached_pass(

@@ -32,13 +32,8 @@ class PassRun:
             r: slice(None) if single else slice(s, s + n)
             for r, s, n in zip(p.runs, starts, sizes, strict=True)
         }
-        self.bindings: dict[str, Binding] = {}
-        for nodes in p.events.values():
-            for n in nodes:
-                if n.op in ("read", "write"):
-                    self.bindings[n.target] = model.resolver.bind(n.target)
-        self.captures = {c for b in self.bindings.values() for c in b.captures}
-        self.points = set(p.events) | self.captures
+        self.bindings: dict[str, Binding] = p.bindings
+        self.captures, self.points = p.captures, p.points
         self.fired: set[tuple[str, str]] = set()
         self.captured: dict[tuple[str, str], Tensor] = {}
         self.stop_early = 0 not in p.runs

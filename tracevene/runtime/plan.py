@@ -3,16 +3,22 @@
 A *pass* is one forward call of the model over one or more runs (batched along the
 batch axis). Each read and write happens at an *event*: a hook point in one pass.
 Other nodes run at the event of their latest input, or before the first pass.
+
+A program run again on the same model reuses its plan (``PlanCache``): a plan depends
+only on the program's nodes, the bindings of its sites, the schedule and whether the
+runs can share a pass.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import ScheduleError
 from ..ir.nodes import Node
 from ..ir.program import Program, run_name
+from ..sites.bind import Binding
 from ..sites.vocab import display
 
 PRELUDE = (-1, ())
@@ -26,11 +32,22 @@ class Pass:
         runs: Runs batched in this pass (0 is the base).
         events: Hook point -> nodes to execute when it fires, in program order.
         order: Hook point -> its place in forward order.
+        bindings: Site name -> its binding, for the reads and writes of this pass.
+        captures: Hook points whose tensors the views of those sites need.
+        points: Every hook point the pass hooks (events and captures).
     """
 
     runs: list[int]
     events: dict[tuple[str, str], list[Node]] = field(default_factory=dict)
     order: dict[tuple[str, str], tuple] = field(default_factory=dict)
+    bindings: dict[str, Binding] = field(default_factory=dict)
+    captures: frozenset[tuple[str, str]] = frozenset()
+    points: frozenset[tuple[str, str]] = frozenset()
+
+    def seal(self) -> None:
+        """Derive ``captures`` and ``points`` once the events and bindings are in place."""
+        self.captures = frozenset(c for b in self.bindings.values() for c in b.captures)
+        self.points = frozenset(self.events) | self.captures
 
 
 @dataclass
@@ -41,11 +58,15 @@ class Plan:
         passes: Forward passes in execution order.
         prelude: Nodes that need no site (constants, placeholders, ...), run first.
         mode: ``"batched"`` or ``"sequential"`` (what was asked for after ``"auto"``).
+        nodes: The nodes of the program the plan was made for.
+        saves: Its save nodes, in program order.
     """
 
     passes: list[Pass]
     prelude: list[Node]
     mode: str
+    nodes: tuple[Node, ...] = ()
+    saves: list[Node] = field(default_factory=list)
 
     def describe(self) -> str:
         """One line per pass, e.g. ``pass 1: base+src1 (batched, 3 hook points)``."""
@@ -56,16 +77,71 @@ class Plan:
         )
 
 
-#: ``(site name) -> ((path, io) of its hook point, order key)``
-Locate = Callable[[str], tuple[tuple[str, str], tuple]]
+    def current(self, bind: Bind) -> bool:
+        """Whether every site still binds to the binding this plan was made with."""
+        return all(bind(s) is b for p in self.passes for s, b in p.bindings.items())
 
 
-def make_plan(program: Program, locate: Locate, mode: str, can_batch: bool) -> Plan:
+#: ``(site name) -> its binding`` (where it is hooked, its place in forward order)
+Bind = Callable[[str], Binding]
+
+
+class PlanCache:
+    """The plans of the programs run on one model, reused by later runs of each program.
+
+    A plan is kept per program (weakly: it goes when the program does) and per
+    ``(mode, can_batch)``, and reused while the program holds the same nodes and each
+    of its sites binds to the same ``Binding`` (a resolver that re-binds its sites, or
+    another model, misses). Shapes, placeholders, gradient mode and weights are not
+    part of a plan, and are read afresh by every run.
+
+    Attributes:
+        hits: Runs that reused a plan.
+        misses: Runs that made one.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple[weakref.ref, dict[tuple[str, bool], Plan]]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def plan(self, program: Program, bind: Bind, mode: str, can_batch: bool) -> Plan:
+        """``make_plan(program, bind, mode, can_batch)``, or the plan made for it before.
+
+        Raises:
+            ScheduleError: As ``make_plan``; nothing is kept for a program that raised.
+        """
+        plans = self._plans(program)
+        plan = plans.get((mode, can_batch))
+        if plan is not None and plan.nodes is program.nodes and plan.current(bind):
+            self.hits += 1
+            return plan
+        self.misses += 1
+        plan = plans[(mode, can_batch)] = make_plan(program, bind, mode, can_batch)
+        return plan
+
+    def _plans(self, program: Program) -> dict[tuple[str, bool], Plan]:
+        """The plans kept for ``program`` (a new, empty dict the first time)."""
+        key = id(program)
+        entry = self.entries.get(key)
+        if entry is None or entry[0]() is not program:
+            entry = self.entries[key] = (weakref.ref(program, self._forget(key)), {})
+        return entry[1]
+
+    def _forget(self, key: int) -> Callable[[weakref.ref], None]:
+        def drop(ref: weakref.ref) -> None:
+            if self.entries.get(key, (None,))[0] is ref:
+                del self.entries[key]
+
+        return drop
+
+
+def make_plan(program: Program, bind: Bind, mode: str, can_batch: bool) -> Plan:
     """Schedule ``program``.
 
     Args:
         program: The program.
-        locate: Where a site is hooked and its place in forward order.
+        bind: The binding of a site: where it is hooked, its place in forward order.
         mode: ``"batched"`` (fewest passes) or ``"sequential"`` (a pass per group of
             runs that must share one).
         can_batch: Whether runs may share a pass at all (compatible inputs).
@@ -78,10 +154,10 @@ def make_plan(program: Program, locate: Locate, mode: str, can_batch: bool) -> P
     used = {0} | {n.run for n in nodes if n.op in ("read", "write")}
     edges: dict[tuple[int, int], tuple[Node, Node] | None] = {}  # (r_from, r_to) -> strict?
     for w in (n for n in nodes if n.op == "write"):
-        _, kw = locate(w.target)
+        kw = bind(w.target).order
         for r in feeds[w.id]:
             read = nodes[r]
-            _, kr = locate(read.target)
+            kr = bind(read.target).order
             if read.run == w.run:
                 if kr > kw:
                     raise ScheduleError(_late_message(read, w, "its own"))
@@ -100,7 +176,7 @@ def make_plan(program: Program, locate: Locate, mode: str, can_batch: bool) -> P
             "table): give them inputs of the same shape."
         )
     layers = _layer(groups, edges, mode == "batched" and can_batch)
-    return _assign(program, layers, feeds, locate, mode if can_batch else "sequential")
+    return _assign(program, layers, bind, mode if can_batch else "sequential")
 
 
 def _feeding_reads(nodes: tuple[Node, ...]) -> list[set[int]]:
@@ -156,15 +232,16 @@ def _layer(groups: list[list[int]], edges: dict, batch: bool) -> list[list[int]]
     return [sorted(r for r in level if level[r] == i) for i in range(max(level.values()) + 1)]
 
 
-def _assign(program: Program, layers, feeds, locate: Locate, mode: str) -> Plan:
+def _assign(program: Program, layers, bind: Bind, mode: str) -> Plan:
     pass_of = {r: i for i, runs in enumerate(layers) for r in runs}
     passes = [Pass(runs) for runs in layers]
     when: dict[int, tuple] = {}
     prelude: list[Node] = []
     for n in program.nodes:
         if n.op in ("read", "write"):
-            point, key = locate(n.target)
-            when[n.id] = (pass_of[n.run], key, point)
+            b = bind(n.target)
+            when[n.id] = (pass_of[n.run], b.order, (b.path, b.io))
+            passes[pass_of[n.run]].bindings[n.target] = b
         else:
             when[n.id] = max((when[r] for r in n.refs()), default=PRELUDE, key=lambda w: w[:2])
         if when[n.id] == PRELUDE:
@@ -173,7 +250,10 @@ def _assign(program: Program, layers, feeds, locate: Locate, mode: str) -> Plan:
         p, key, point = when[n.id]
         passes[p].events.setdefault(point, []).append(n)
         passes[p].order[point] = key
-    return Plan(passes, prelude, mode)
+    for p in passes:
+        p.seal()
+    saves = [n for n in program.nodes if n.op == "save"]
+    return Plan(passes, prelude, mode, program.nodes, saves)
 
 
 def _late_message(read: Node, write: Node, whose: str) -> str:
