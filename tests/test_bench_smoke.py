@@ -111,9 +111,11 @@ def test_das_quick_runs_and_reports_ratios(tmp_path: Path) -> None:
 
 def test_patching_quick_runs_and_reports_the_ratio(tmp_path: Path) -> None:
     text, figures = run_quick("patching.py", tmp_path)
-    assert "| variant | wall s | CPU s | x TransformerLens (wall) |" in text
-    assert "| tracevene |" in text and "| transformer_lens |" in text
-    assert "target: >= 5.0x" in text
-    for clock in ("wall", "cpu"):
-        assert figures[clock]["speedup"] > 0
-    assert figures["max_err_ulps"] <= numerics.MODEL  # the same sweep (correctness, not speed)
+    assert "| sweep | variant | wall s | CPU s | x TransformerLens (wall) |" in text
+    for sweep, target in (("resid_pre", "10.0"), ("head_out_all_pos", "5.0")):
+        assert f"| {sweep} | tracevene |" in text and f"| {sweep} | transformer_lens |" in text
+        assert f"target {sweep}: >= {target}x" in text
+        for clock in ("wall", "cpu"):
+            assert figures[sweep][clock]["speedup"] > 0
+        # the same sweep (correctness, not speed)
+        assert figures[sweep]["max_err_ulps"] <= numerics.MODEL, figures[sweep]

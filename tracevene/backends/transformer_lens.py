@@ -204,6 +204,8 @@ class LensResolver:
         plain: The Hugging Face model inside a bridge this backend built (its
             output is the run's output, and it runs without hooks), else ``None``
             (the output is the engine's logits).
+        blocks: ``None``: the engine calls its own block components, so a pass
+            cannot start at a later block.
         points: Hook name (TransformerLens's own or an alias) -> ``HookPoint``.
         modules: Module path -> module, for ``t.module(path)`` sites.
         table: The family's site table (``HOOKED_TRANSFORMER`` on a HookedTransformer).
@@ -218,6 +220,7 @@ class LensResolver:
         hf = engine.original_model if self.bridge else None
         self.hf_root = hf
         self.plain = hf if engine in _PRIVATE else None
+        self.blocks = None
         self.points = dict(engine.hook_dict)
         self.modules = _module_paths(hf if hf is not None else engine)
         cfg = engine.cfg

@@ -5,11 +5,21 @@ one run into another and measures the effect with a metric. tracevene stacks man
 such experiments along the batch axis of one forward pass: each experiment is a copy
 of the patched run's batch, and each copy gets its own cell.
 
-In a causal language model, patching position ``p`` leaves every position before
-``p`` as it was, so the experiments that patch ``p`` share one pass that starts at
-``p``: the keys and values of the positions before it come from the unpatched run's
-KV cache, and so do their logits. Any other model (an encoder, where every position
-sees every other, or a model without logits) runs every pass over the whole input.
+Three levers, all from one unpatched run of the patched input:
+
+- A cell whose patch writes what the unpatched run already holds there (resid_pre
+  before the first token where clean and corrupted differ) changes nothing: its
+  metric is the unpatched run's, and no pass runs it.
+- In a causal language model, patching position ``p`` leaves every position before
+  ``p`` as it was, so the experiments that patch ``p`` share one pass that starts at
+  ``p``: the keys and values of the positions before it come from the unpatched
+  run's KV cache, and so do their logits. Any other model (an encoder, where every
+  position sees every other, or a model without logits) runs every pass over the
+  whole input.
+- Patching block ``L`` leaves the blocks before it as they were, so a pass starts at
+  the lowest block its experiments patch, from the unpatched run's input to that
+  block (``runtime/skip.py``), on the torch and nnsight backends; the TransformerLens
+  bridge runs every block.
 
 The metric scores the logits of a language model and the model's output otherwise
 (see ``tracevene/patching/outputs.py``).
@@ -25,6 +35,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,10 +47,11 @@ from tqdm.auto import tqdm
 from ..errors import ArgumentError, SiteError
 from ..model import Model, as_model
 from ..runtime.inputs import tokenize
+from ..runtime.skip import Starts
 from ..tracing.tracer import trace
-from .outputs import experiment, scored
+from .outputs import scored
 from .result import PatchResult
-from .runner import repeat
+from .runner import repeat, score_each
 
 Metric = Callable[[Any], Tensor]
 DIRECTIONS = ("denoise", "noise")
@@ -120,12 +132,15 @@ def activation_patching(
     axis = _pos_axis(site, heads)
     n_pos = next(iter(values.values())).shape[axis]
     cells = [(key, p) for key in keys for p in _grid(positions, n_pos)]
-    prefix = _Prefix.of(model, base) if positions != "all" else None
-    out = torch.empty(len(cells))
-    chunks = _chunks(cells, experiments_per_pass, by_position=prefix is not None)
+    unpatched = _Unpatched.of(model, base, keys, site, by_position=positions != "all")
+    batch = next(iter(values.values())).shape[0]
+    changed = [i for i, (key, pos) in enumerate(cells)
+               if not unpatched.holds(key, values[key][_cut(pos, axis)], pos, axis)]  # fmt: skip
+    out = score_each(unpatched.out, metric, 1, batch).expand(len(cells)).clone()
+    chunks = _chunks(cells, changed, experiments_per_pass, unpatched)
     for chunk in tqdm(chunks, desc=f"patching {site}", disable=not progress):
         todo = [cells[i] for i in chunk]
-        out[chunk] = _run_chunk(model, base, todo, (site, axis), values, metric, prefix)
+        out[chunk] = _run_chunk(model, base, todo, (site, axis), values, metric, unpatched)
     return _result(out, model.n_layers, n_heads if heads else 0, n_pos, site, direction,
                    _axes(site, positions))  # fmt: skip
 
@@ -278,14 +293,19 @@ def _read_all(model: Model, inputs: Any, keys: list, site: str) -> dict[Any, Ten
     return {key: result[handle].detach() for key, handle in saved.items()}
 
 
-def _chunks(cells: list[Cell], size: int, by_position: bool) -> list[Tensor]:
-    """Indices of the cells each pass runs; one start position per pass if ``by_position``."""
-    start = [_start(pos) for _, pos in cells]
-    order = sorted(range(len(cells)), key=start.__getitem__) if by_position else range(len(cells))
+def _chunks(
+    cells: list[Cell], todo: list[int], size: int, unpatched: _Unpatched
+) -> list[Tensor]:
+    """Indices of the cells each pass runs, of those in ``todo``, in layer order.
+
+    Where the unpatched run lets passes start at a later position (its KV cache), each
+    pass holds cells of one position only. Each pass starts at its lowest block.
+    """
+    start = [unpatched.position(cell) for cell in cells]
+    order = sorted(todo, key=lambda i: (start[i], cells[i][0]))
     chunks: list[list[int]] = []
     for i in order:
-        full = chunks and len(chunks[-1]) == size
-        if not chunks or full or (by_position and start[chunks[-1][0]] != start[i]):
+        if not chunks or len(chunks[-1]) == size or start[chunks[-1][0]] != start[i]:
             chunks.append([])
         chunks[-1].append(i)
     return [torch.tensor(c) for c in chunks]
@@ -296,52 +316,135 @@ def _start(pos: tuple[int, ...]) -> int:
     return pos[0] if pos else 0
 
 
-@dataclass
-class _Prefix:
-    """The unpatched run's KV cache and logits, so passes can start at a later position."""
+def _cut(pos: tuple[int, ...], axis: int) -> tuple:
+    """The index of positions ``pos`` from axis ``axis`` on, every row and head."""
+    return (*(slice(None),) * axis, *pos)
 
-    ids: Tensor
-    mask: Tensor | None
-    logits: Tensor
-    cache: Any
+
+@dataclass
+class _Unpatched:
+    """The unpatched run: each cell's value and the output, and where passes can start.
+
+    Attributes:
+        out: What the metric scores in the unpatched run (its logits).
+        cells: Cell key -> the site's value there.
+        ids: The token ids, where passes may start at a later position (else ``None``).
+        mask: Their attention mask (``None``: no padding).
+        cache: The run's KV cache, where passes may start at a later position.
+        starts: Each block's input, where passes may start at a later block.
+    """
+
+    out: Any
+    cells: dict[tuple[int, ...], Tensor]
+    ids: Tensor | None = None
+    mask: Tensor | None = None
+    cache: Any = None
+    starts: Starts | None = None
 
     @classmethod
-    def of(cls, model: Model, base: Any) -> _Prefix | None:
-        """The prefix of ``base`` (token ids, with a mask); ``None`` where it cannot be reused.
+    def of(
+        cls, model: Model, base: Any, keys: list[tuple[int, ...]], site: str, by_position: bool
+    ) -> _Unpatched:
+        """Run ``base`` once, keeping what later passes reuse.
 
-        Only for a Hugging Face causal LM (one that can generate, with logits) called on
-        token ids, padded or not: in an encoder every position sees every other, so
-        nothing can be reused and every pass runs the whole input.
+        Passes start at the patched position only in a Hugging Face causal LM (one
+        that can generate, with logits) called on token ids, padded or not, when cells
+        have positions (``by_position``): in an encoder every position sees every other.
+        They start at the patched block where the engine calls the blocks itself.
         """
-        hf = model.resolver.plain
-        ids, mask = _ids_and_mask(base)
-        if ids is None or hf is None or model.resolver.arch is None:
-            return None
-        if not (callable(getattr(hf, "can_generate", None)) and hf.can_generate()):
-            return None
+        ids, mask = _ids_and_mask(base) if by_position and _generates(model) else (None, None)
+        inputs = base if ids is None else {"input_ids": ids, "use_cache": True,
+                                           **_with_mask(mask, 1)}  # fmt: skip
+        blocks = model.resolver.blocks
+        starts = None if blocks is None else Starts(model.module, blocks)
         with trace(model) as t:
-            t.logits.save()
-        inputs = {"input_ids": ids, "use_cache": True, **_with_mask(mask, 1)}
-        with torch.no_grad():
-            output = t.program.run(model, inputs).output
-        cache = getattr(output, "past_key_values", None)
-        logits = getattr(output, "logits", None)
-        if not isinstance(logits, Tensor) or not hasattr(cache, "batch_select_indices"):
-            return None
-        return cls(ids, mask, logits.detach(), cache)
+            saved = {key: _at(t, key, site).save() for key in keys}
+            resid = [t.site("resid_pre", i).save() for i in range(len(blocks or ()))]
+        with torch.no_grad(), starts.recording() if starts else nullcontext():
+            result = t.program.run(model, inputs)
+        cache = getattr(result.output, "past_key_values", None)
+        if ids is not None and not _can_crop(cache):
+            ids = mask = cache = None
+        if starts is not None:
+            starts.inputs = [result[h].detach() for h in resid]
+        cells = {key: result[h].detach() for key, h in saved.items()}
+        return cls(_detach(scored(result.output)), cells, ids, mask, cache, starts)
 
-    def inputs(self, start: int, n: int) -> dict[str, Any]:
+    def holds(self, key: tuple[int, ...], value: Tensor, pos: tuple[int, ...], axis: int) -> bool:
+        """Whether cell ``(key, pos)`` already holds ``value``: patching it changes nothing."""
+        return torch.equal(self.cells[key][_cut(pos, axis)], value)
+
+    def position(self, cell: Cell) -> int:
+        """The position a pass patching ``cell`` can start at."""
+        return _start(cell[1]) if self.cache is not None else 0
+
+    def inputs(self, base: Any, start: int, n: int) -> Any:
         """Forward arguments for ``n`` copies of the batch, from position ``start`` on.
 
         The attention mask covers the cached positions too; the backend derives each
         row's position ids from it (left padding), as for a whole pass.
         """
-        cache = copy.deepcopy(self.cache)
+        if start == 0 or self.ids is None:
+            return repeat(base, n)
+        cache = _fork(self.cache)
         cache.crop(start - self.ids.shape[1])  # a negative count: tokens to drop
         cache.batch_select_indices(torch.arange(self.ids.shape[0]).repeat(n))
         ids = self.ids[:, start:].repeat(n, 1)
         return {"input_ids": ids, "past_key_values": cache, "use_cache": True,
                 **_with_mask(self.mask, n)}  # fmt: skip
+
+    def at(self, block: int, start: int, n: int) -> Any:
+        """A context in which the model's blocks before ``block`` compute nothing."""
+        if block == 0 or self.starts is None:
+            return nullcontext()
+        return self.starts.at(block, self.starts.inputs[block][:, start:].repeat(n, 1, 1))
+
+    def prepend(self, out: Any, start: int, n: int) -> Any:
+        """A pass's scored output from position ``start``, with the unpatched positions before."""
+        if start == 0:
+            return out
+        prefix = self.out[:, :start]
+        full = out.new_empty((out.shape[0], prefix.shape[1] + out.shape[1], *out.shape[2:]))
+        full.unflatten(0, (n, -1))[:, :, :start] = prefix  # broadcast over the n copies
+        full[:, start:] = out
+        return full
+
+
+def _fork(cache: Any) -> Any:
+    """A copy of a KV cache to crop and extend, sharing the tensors (never written in place).
+
+    Cropping slices and row selection indexes, so each makes new tensors; only the
+    cache and its layer objects need copies of their own.
+    """
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list):
+        return copy.deepcopy(cache)
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in layers]
+    return new
+
+
+def _can_crop(cache: Any) -> bool:
+    """Whether a KV cache can drop its last positions (a sliding window past its size cannot)."""
+    if not hasattr(cache, "batch_select_indices") or not hasattr(cache, "crop"):
+        return False
+    try:
+        _fork(cache).crop(-1)
+    except RuntimeError:  # transformers: a sliding layer that no longer keeps the past
+        return False
+    return True
+
+
+def _generates(model: Model) -> bool:
+    """Whether the model is a Hugging Face language model that can generate."""
+    hf = model.resolver.plain
+    if hf is None or model.resolver.arch is None:
+        return False
+    return callable(getattr(hf, "can_generate", None)) and bool(hf.can_generate())
+
+
+def _detach(x: Any) -> Any:
+    return x.detach() if isinstance(x, Tensor) else x
 
 
 def _ids_and_mask(base: Any) -> tuple[Tensor | None, Tensor | None]:
@@ -370,16 +473,16 @@ def _run_chunk(
     site: tuple[str, int],
     values: Mapping[Any, Tensor],
     metric: Metric,
-    prefix: _Prefix | None,
+    unpatched: _Unpatched,
 ) -> Tensor:
     """Run ``len(chunk)`` experiments as one pass; the metric of each.
 
-    ``site`` is the site's name and its position axis. With ``prefix``, all experiments
-    patch one (destination) position and the pass starts there.
+    ``site`` is the site's name and its position axis. All experiments of the chunk
+    share one start position (``_Unpatched.position``); the pass starts there, at the
+    lowest block any of them patches.
     """
     n = len(chunk)
-    start = _start(chunk[0][1]) if prefix is not None else 0
-    inputs = prefix.inputs(start, n) if start > 0 else repeat(base, n)
+    start, block = unpatched.position(chunk[0]), min(key[0] for key, _ in chunk)
     batch = next(iter(values.values())).shape[0]
     by_site: dict[Any, list[tuple[int, tuple[int, ...]]]] = {}
     for e, (key, pos) in enumerate(chunk):
@@ -387,13 +490,9 @@ def _run_chunk(
     with trace(model) as t:
         for key, experiments in by_site.items():
             _write(_at(t, key, site[0]), values[key], experiments, batch, start, site[1])
-    with torch.no_grad():
-        out = scored(t.program.run(model, inputs).output)
-        if start > 0:  # the positions before the patch, as in the unpatched run
-            out = torch.cat([prefix.logits[:, :start].repeat(n, 1, 1), out], dim=1)
-        return torch.stack([
-            torch.as_tensor(metric(experiment(out, e, batch))).float().cpu() for e in range(n)
-        ])  # fmt: skip
+    with torch.no_grad(), unpatched.at(block, start, n):
+        out = scored(t.program.run(model, unpatched.inputs(base, start, n)).output)
+    return score_each(unpatched.prepend(out, start, n), metric, n, batch)
 
 
 def _write(
@@ -412,5 +511,5 @@ def _write(
         torch.tensor([pos[i] - shifts[i] for _, pos in experiments]).repeat_interleave(batch)
         for i in range(n_pos)
     ]
-    source = torch.cat([value[(slice(None), *skip, *pos)] for _, pos in experiments])
+    source = torch.cat([value[_cut(pos, axis)] for _, pos in experiments])
     target[(rows, *skip, *index) if n_pos else rows] = source

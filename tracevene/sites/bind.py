@@ -63,6 +63,9 @@ class SiteResolver(Protocol):
         modules: Module path -> module, for ``t.module(path)`` sites and hooks.
         plain: The Hugging Face module to call without any hook (generation's plain
             steps, a patching sweep's clean prefix), or ``None`` where there is none.
+        blocks: The blocks as the engine calls them, in forward order, so that a pass
+            may start at a later block (``runtime/skip.py``); ``None`` where the
+            engine does not call them itself or there is no site table.
         n_layers: Blocks (``None`` without a site table); likewise ``n_heads``,
             ``n_kv_heads``, ``d_model`` and ``d_head``.
     """
@@ -70,6 +73,7 @@ class SiteResolver(Protocol):
     arch: Arch | None
     modules: dict[str, nn.Module]
     plain: nn.Module | None
+    blocks: nn.ModuleList | None
     n_layers: int | None
     n_heads: int | None
     n_kv_heads: int | None
@@ -99,8 +103,10 @@ class Resolver:
         self.prefix = found[1] if found else ""
         self._cache: dict[str, Binding] = {}
         config = getattr(module, "config", None)
+        self.blocks = None
         if self.arch is not None:
-            self.n_layers = len(self.modules[self.prefix + self.arch.layers])
+            self.blocks = self.modules[self.prefix + self.arch.layers]
+            self.n_layers = len(self.blocks)
             self.n_heads = config.num_attention_heads
             self.n_kv_heads = getattr(config, "num_key_value_heads", None) or self.n_heads
             self.d_model = config.hidden_size
