@@ -209,6 +209,10 @@ def sites(model: nn.Module, layer: int = 0) -> dict[str, Site]:
         llama = sites_llama_like(model, layer)
         return {**llama, "resid_mid": pre(f"{b}.pre_feedforward_layernorm"),
                 "mid_add": post(f"{b}.post_attention_layernorm")}  # fmt: skip
+    if kind == "olmo2":  # norms after attention and MLP only: resid_mid is the MLP's input
+        b = f"model.layers.{layer}"
+        return {**sites_llama_like(model, layer), "resid_mid": pre(f"{b}.mlp"),
+                "mid_add": post(f"{b}.post_attention_layernorm")}  # fmt: skip
     if kind == "bert":
         b, c = f"encoder.layer.{layer}", model.config
         n = c.num_attention_heads

@@ -69,6 +69,14 @@ _GEMMA2 = Ref(
     "mlp", "model.norm", "lm_head", mid_add="post_attention_layernorm",
 )  # fmt: skip
 
+# OLMo 2: norms after attention and MLP only; the residual between them is the MLP's input.
+_OLMO2 = Ref(
+    "model.layers", "self_attn", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+    None, "self_attn.o_proj", "self_attn", ("mlp", "input"),
+    (("mlp.act_fn", "output"), ("mlp.up_proj", "output")), ("mlp.down_proj", "input"),
+    "mlp", "model.norm", "lm_head", mid_add="post_attention_layernorm",
+)  # fmt: skip
+
 REFS = {
     "gpt2": Ref(
         "transformer.h", "attn", "attn.c_attn", "attn.c_attn", "attn.c_attn", "split",
@@ -85,6 +93,7 @@ REFS = {
     "mistral": _LLAMA,
     "qwen3": _LLAMA,
     "gemma2": _GEMMA2,
+    "olmo2": _OLMO2,
     "minilm": Ref(
         "encoder.layer", "attention.self", "attention.self.query", "attention.self.key",
         "attention.self.value", None, "attention.output.dense", "attention.output.dense",

@@ -310,8 +310,14 @@ GEMMA2 = _post_norm_like(
     "Gemma 2", ("gemma2",), unsupported_if=_SOFTCAPPED_LOGITS, lm_class="Gemma2ForCausalLM",
     tl={},  # its bridge's post-norm hook names are not mapped yet: t.hook / t.module there
 )  # fmt: skip
+# OLMo 2: no norm before attention or MLP, only after each (post_attention_layernorm,
+# post_feedforward_layernorm, both registered after the MLP); q_norm / k_norm over all
+# heads after q_proj / k_proj, so attn.q / attn.k are the projections' outputs.
+OLMO2 = _post_norm_like("OLMo 2", ("olmo2",), lm_class="Olmo2ForCausalLM", tl={})
 
-ARCHES: tuple[Arch, ...] = (GPT2, GPT_NEOX, LLAMA, MISTRAL, QWEN2, GEMMA, QWEN3, GEMMA2, BERT)
+ARCHES: tuple[Arch, ...] = (
+    GPT2, GPT_NEOX, LLAMA, MISTRAL, QWEN2, GEMMA, QWEN3, GEMMA2, OLMO2, BERT,
+)  # fmt: skip
 
 #: TransformerLens's own architecture: hook points only, no Hugging Face modules (so
 #: no model types and no ``Hook`` paths); ``parallel`` is its ``cfg`` flag.
