@@ -163,6 +163,17 @@ TL_POST_LN: dict[str, Lens] = {
     "resid_mid": Lens(("blocks.{i}.ln1.hook_out",)),
 }
 
+#: Blocks that norm the attention and MLP outputs before the residual add (OLMo 2) on a
+#: bridge: its hook_attn_out / hook_mlp_out are the post-norms' outputs, so attn.out and
+#: mlp.out are the attention and MLP modules' own outputs, and resid_mid is resid_pre plus
+#: the attention post-norm's output.
+TL_POST_NORM: dict[str, Lens] = {
+    **TL_BRIDGE,
+    "attn.out": Lens(("blocks.{i}.attn.hook_out",)),
+    "resid_mid": Lens(("blocks.{i}.ln1_post.hook_out",), "resid_mid"),
+    "mlp.out": Lens(("blocks.{i}.mlp.hook_out",)),
+}
+
 
 def _attention_sites(qkv: dict[str, Hook], attn: str, o_proj: str) -> dict[str, Hook]:
     return {
@@ -313,7 +324,7 @@ GEMMA2 = _post_norm_like(
 # OLMo 2: no norm before attention or MLP, only after each (post_attention_layernorm,
 # post_feedforward_layernorm, both registered after the MLP); q_norm / k_norm over all
 # heads after q_proj / k_proj, so attn.q / attn.k are the projections' outputs.
-OLMO2 = _post_norm_like("OLMo 2", ("olmo2",), lm_class="Olmo2ForCausalLM", tl={})
+OLMO2 = _post_norm_like("OLMo 2", ("olmo2",), lm_class="Olmo2ForCausalLM", tl=TL_POST_NORM)
 
 ARCHES: tuple[Arch, ...] = (
     GPT2, GPT_NEOX, LLAMA, MISTRAL, QWEN2, GEMMA, QWEN3, GEMMA2, OLMO2, BERT,
