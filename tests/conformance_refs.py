@@ -204,7 +204,7 @@ def sites(model: nn.Module, layer: int = 0) -> dict[str, Site]:
         }  # fmt: skip
     if kind in ("llama", "mistral", "qwen2", "qwen3"):
         return sites_llama_like(model, layer)
-    if kind == "gemma2":  # norms before and after attention and MLP
+    if kind in ("gemma2", "gemma3_text"):  # norms before and after attention and MLP
         b = f"model.layers.{layer}"
         llama = sites_llama_like(model, layer)
         return {**llama, "resid_mid": pre(f"{b}.pre_feedforward_layernorm"),

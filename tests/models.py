@@ -106,8 +106,12 @@ def gemma2(**kw) -> nn.Module:
 
 @_seeded
 def gemma3(**kw) -> nn.Module:
-    """Gemma 3 text (``Gemma3ForCausalLM``): Gemma 2's norms plus q_norm / k_norm."""
-    cfg = _tiny(sliding_window=4, layer_types=_GEMMA_LAYERS, query_pre_attn_scalar=8, **kw)
+    """Gemma 3 text (``Gemma3ForCausalLM``): Gemma 2's norms plus q_norm / k_norm.
+
+    Its scores are scaled by query_pre_attn_scalar ** -0.5, here 16 (not head_dim 8), so a
+    route that scaled by head_dim would differ.
+    """
+    cfg = _tiny(sliding_window=4, layer_types=_GEMMA_LAYERS, query_pre_attn_scalar=16, **kw)
     return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**cfg))
 
 
@@ -178,7 +182,7 @@ def gru(**kw) -> nn.Module:
 
 #: Decoder factories by name, for parametrised tests.
 DECODERS = {"gpt2": gpt2, "neox": neox, "llama": llama, "qwen2": qwen2, "mistral": mistral,
-            "qwen3": qwen3, "gemma2": gemma2, "olmo2": olmo2}
+            "qwen3": qwen3, "gemma2": gemma2, "olmo2": olmo2, "gemma3": gemma3}
 
 
 def tokens(batch: int = 2, pos: int = 6, seed: int = 1) -> torch.Tensor:

@@ -43,7 +43,7 @@ except ImportError:
     HookedTransformer = None
 
 B, P = 2, 6
-ARCHS = ["gpt2", "llama", "neox", "qwen2", "mistral", "qwen3", "olmo2", "minilm"]
+ARCHS = ["gpt2", "llama", "neox", "qwen2", "mistral", "qwen3", "olmo2", "gemma3", "minilm"]
 SCHEDULES = ["sequential", "batched"]
 KINDS = [
     "embed", "resid_pre", "attn.q", "attn.k", "attn.v", "attn.pattern", "attn.z",

@@ -93,6 +93,7 @@ REFS = {
     "mistral": _LLAMA,
     "qwen3": _LLAMA,
     "gemma2": _GEMMA2,
+    "gemma3": _GEMMA2,
     "olmo2": _OLMO2,
     "minilm": Ref(
         "encoder.layer", "attention.self", "attention.self.query", "attention.self.key",

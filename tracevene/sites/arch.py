@@ -163,10 +163,10 @@ TL_POST_LN: dict[str, Lens] = {
     "resid_mid": Lens(("blocks.{i}.ln1.hook_out",)),
 }
 
-#: Blocks that norm the attention and MLP outputs before the residual add (OLMo 2) on a
-#: bridge: its hook_attn_out / hook_mlp_out are the post-norms' outputs, so attn.out and
-#: mlp.out are the attention and MLP modules' own outputs, and resid_mid is resid_pre plus
-#: the attention post-norm's output.
+#: Blocks that norm the attention and MLP outputs before the residual add (OLMo 2, Gemma 3)
+#: on a bridge: its hook_attn_out / hook_mlp_out are the post-norms' outputs, so attn.out
+#: and mlp.out are the attention and MLP modules' own outputs, and resid_mid is resid_pre
+#: plus the attention post-norm's output.
 TL_POST_NORM: dict[str, Lens] = {
     **TL_BRIDGE,
     "attn.out": Lens(("blocks.{i}.attn.hook_out",)),
@@ -326,8 +326,16 @@ GEMMA2 = _post_norm_like(
 # heads after q_proj / k_proj, so attn.q / attn.k are the projections' outputs.
 OLMO2 = _post_norm_like("OLMo 2", ("olmo2",), lm_class="Olmo2ForCausalLM", tl=TL_POST_NORM)
 
+# Gemma 3 text: Gemma 2's four norms plus q_norm / k_norm per head (attn.q / attn.k at
+# q_proj / k_proj outputs, before them); scaled by query_pre_attn_scalar, which the
+# attention module passes on as its scaling.
+GEMMA3 = _post_norm_like(
+    "Gemma 3", ("gemma3_text",), unsupported_if=_SOFTCAPPED_LOGITS,
+    lm_class="Gemma3ForCausalLM", tl=TL_POST_NORM,
+)  # fmt: skip
+
 ARCHES: tuple[Arch, ...] = (
-    GPT2, GPT_NEOX, LLAMA, MISTRAL, QWEN2, GEMMA, QWEN3, GEMMA2, OLMO2, BERT,
+    GPT2, GPT_NEOX, LLAMA, MISTRAL, QWEN2, GEMMA, QWEN3, GEMMA2, OLMO2, GEMMA3, BERT,
 )  # fmt: skip
 
 #: TransformerLens's own architecture: hook points only, no Hugging Face modules (so
