@@ -152,7 +152,7 @@ MORE_ARCHS = [
 
 @pytest.mark.parametrize("backend", ["torch", "nnsight"])
 @pytest.mark.parametrize("schedule", SCHEDULES)
-@pytest.mark.parametrize(("stem", "arch"), MORE_ARCHS, ids="-".join)
+@pytest.mark.parametrize(("stem", "arch"), MORE_ARCHS, ids=[f"{s}-{a}" for s, a in MORE_ARCHS])
 def test_program_on_more_architectures(stem: str, arch: str, schedule: str, backend: str):
     """A conformance program recorded and run on another architecture than its own."""
     path = CONFORMANCE / f"{stem}.py"
