@@ -138,7 +138,10 @@ def head_out(model: nn.Module, layer: int, h: int) -> Site:
 
 
 def _attn_module(model: nn.Module, layer: int) -> nn.Module:
-    return model.get_submodule(sites(model, layer)["pattern"].path)
+    site = sites(model, layer)["pattern"]
+    if site.io == "attn":
+        return model.get_submodule(site.path)
+    return model.get_submodule(site.path.rpartition(".")[0])  # GPT-J: attn.attn_dropout
 
 
 def _dims(model: nn.Module, layer: int) -> tuple[int, int, int]:
@@ -213,6 +216,18 @@ def sites(model: nn.Module, layer: int = 0) -> dict[str, Site]:
         b = f"model.layers.{layer}"
         return {**sites_llama_like(model, layer), "resid_mid": pre(f"{b}.mlp"),
                 "mid_add": post(f"{b}.post_attention_layernorm")}  # fmt: skip
+    if kind == "gptj":  # parallel attention + MLP; probabilities through attn_dropout
+        b = f"transformer.h.{layer}"
+        n, dh = model.config.n_head, model.config.n_embd // model.config.n_head
+        return {
+            "embed": post("transformer.drop"), "resid_pre": pre(b),
+            **{x: Site(f"{b}.attn.{x}_proj", "post", *_heads(n, dh)) for x in "qkv"},
+            "pattern": post(f"{b}.attn.attn_dropout"),
+            "z": Site(f"{b}.attn.out_proj", "pre", *_heads(n, dh)),
+            "attn_out": post(f"{b}.attn"), "hidden": post(f"{b}.mlp.act"),
+            "mlp_out": post(f"{b}.mlp"), "resid_post": post(b),
+            "final": post("transformer.ln_f"), "logits": post("lm_head"),
+        }  # fmt: skip
     if kind == "bert":
         b, c = f"encoder.layer.{layer}", model.config
         n = c.num_attention_heads

@@ -182,7 +182,8 @@ def gru(**kw) -> nn.Module:
 
 #: Decoder factories by name, for parametrised tests.
 DECODERS = {"gpt2": gpt2, "neox": neox, "llama": llama, "qwen2": qwen2, "mistral": mistral,
-            "qwen3": qwen3, "gemma2": gemma2, "olmo2": olmo2, "gemma3": gemma3}
+            "qwen3": qwen3, "gemma2": gemma2, "olmo2": olmo2, "gemma3": gemma3,
+            "gptj": gptj}
 
 
 def tokens(batch: int = 2, pos: int = 6, seed: int = 1) -> torch.Tensor:

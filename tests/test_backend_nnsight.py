@@ -26,7 +26,8 @@ from models import Rotate, available, full_name, site
 from tracevene.runtime import attention
 
 B, P = 2, 6
-ARCHS = ["gpt2", "llama", "neox", "minilm", "qwen3", "gemma2", "olmo2", "gemma3"]
+ARCHS = ["gpt2", "llama", "neox", "minilm", "qwen3", "gemma2", "olmo2", "gemma3",
+         "gptj"]
 SCHEDULES = ["sequential", "batched"]
 KINDS = [
     "embed", "resid_pre", "attn.q", "attn.k", "attn.v", "attn.pattern", "attn.z",

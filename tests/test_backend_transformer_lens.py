@@ -43,8 +43,11 @@ except ImportError:
     HookedTransformer = None
 
 B, P = 2, 6
-ARCHS = ["gpt2", "llama", "neox", "qwen2", "mistral", "qwen3", "olmo2", "gemma3", "minilm"]
+ARCHS = ["gpt2", "llama", "neox", "qwen2", "mistral", "qwen3", "olmo2", "gemma3", "gptj", "minilm"]
 SCHEDULES = ["sequential", "batched"]
+#: Bridges whose hook_pattern fires after the weighted values and whose HF attention has
+#: no attention interface for the eager route (GPT-J's own _attn): pattern is read-only.
+PATTERN_READ_ONLY = {"gptj"}
 KINDS = [
     "embed", "resid_pre", "attn.q", "attn.k", "attn.v", "attn.pattern", "attn.z",
     "attn.out", "attn.head[1].q", "attn.head[1].k", "attn.head[1].v",
@@ -199,6 +202,9 @@ def test_interchange_at_each_site_kind(arch, kind, schedule):
     name = full_name(kind)
     if not available(iv.wrap(hf("gpt2" if arch == "hooked" else arch), backend="torch"), name):
         pytest.skip(f"{name} does not exist on {arch}")
+    if arch in PATTERN_READ_ONLY and kind.endswith("pattern"):
+        _check_pattern_read_only(arch, name, schedule)
+        return
 
     def record(t, sources):
         (src,) = sources
@@ -213,16 +219,34 @@ def test_interchange_at_each_site_kind(arch, kind, schedule):
     assert not torch.equal(expected["before"], expected["after"])
 
 
+def _check_pattern_read_only(arch: str, name: str, schedule: str) -> None:
+    """A pattern write is refused before anything runs; reads match the torch backend."""
+    with iv.trace(lens(arch)) as t:
+        src = t.source()
+        site(t, name)[:, 1] = site(src, name)[:, 1]
+    base, source = tokens(arch, 1), tokens(arch, 2)
+    with pytest.raises(iv.SiteError, match=r"cannot write .*pattern.*write attn.z or attn.v"):
+        t.program.run(lens(arch), base, [source], schedule=schedule)
+
+    def record(t, sources):
+        site(t, name).save("base")
+        site(sources[0], name).save("source")
+
+    assert_same(*run_both(arch, record, 1, schedule))
+
+
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("arch", [*ARCHS, pytest.param("hooked", marks=needs_hooked)])
 def test_every_site_at_once(arch, schedule):
     ref = iv.wrap(hf("gpt2" if arch == "hooked" else arch), backend="torch")
     names = [full_name(k) for k in KINDS if available(ref, full_name(k))]
+    read_only = arch in PATTERN_READ_ONLY
 
     def record(t, sources):
         (src,) = sources
         for i, name in enumerate(names):
-            site(t, name)[:, i % 4] = site(src, name)[:, i % 4]  # dim 1: heads or positions
+            if not (read_only and name.endswith("pattern")):
+                site(t, name)[:, i % 4] = site(src, name)[:, i % 4]  # dim 1: heads/positions
             site(t, name).save(name)
 
     expected, got = run_both(arch, record, 1, schedule)

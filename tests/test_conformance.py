@@ -144,9 +144,11 @@ def test_program_matches_reference(path: Path, schedule: str, backend: str):
 #: Programs that also run on the architectures added as table entries, by the sites they
 #: use (every site kind written, or read, in one program): (program, architecture) pairs.
 _EVERY_SITE = ["qwen3", "gemma2", "olmo2", "gemma3"]
+_PARALLEL = ["gptj"]  # no resid_mid: NeoX's every-site program
 MORE_ARCHS = [
     *((stem, arch) for stem in ("44_llama_every_site", "47_mistral_read_every_site")
       for arch in _EVERY_SITE),
+    *(("45_neox_every_site", arch) for arch in _PARALLEL),
 ]  # fmt: skip
 
 

@@ -124,6 +124,15 @@ def test_resid_mid_on_parallel_neox():
         record(model, lambda t: setattr(t.layer[1], "resid_mid", 0.0))
 
 
+def test_resid_mid_on_gptj():
+    """GPT-J's attention and MLP always read ln_1's output in parallel (no config flag)."""
+    model = wrapped("gptj")
+    with pytest.raises(SiteError, match=r"resid_mid is not available.*GPT-J.*in parallel"):
+        record(model, lambda t: t.layer[0].resid_mid)
+    with pytest.raises(SiteError, match=r"resid_mid is not available"):
+        record(model, lambda t: setattr(t.layer[1], "resid_mid", 0.0))
+
+
 def test_resid_mid_on_sequential_neox_exists():
     model = iv.wrap(M.neox(use_parallel_residual=False), backend="torch")
     ids = M.tokens()

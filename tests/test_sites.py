@@ -51,6 +51,8 @@ class Ref:
     final: str | None
     lm_head: str | None
     mid_add: str | None = None  # module whose output is added to resid_pre (None: attn_out)
+    probs: str | None = None  # module whose output is the attention probabilities (None:
+    # they come from HF's eager_attention_forward, which the pattern writes replace)
 
 
 _LLAMA = Ref(
@@ -95,6 +97,12 @@ REFS = {
     "gemma2": _GEMMA2,
     "gemma3": _GEMMA2,
     "olmo2": _OLMO2,
+    # GPT-J: its own _attn, probabilities through attn_dropout; parallel attention + MLP
+    "gptj": Ref(
+        "transformer.h", "attn", "attn.q_proj", "attn.k_proj", "attn.v_proj", None,
+        "attn.out_proj", "attn", None, (("mlp.act", "output"),), ("mlp.act", "output"),
+        "mlp", "transformer.ln_f", "lm_head", probs="attn.attn_dropout",
+    ),
     "minilm": Ref(
         "encoder.layer", "attention.self", "attention.self.query", "attention.self.key",
         "attention.self.value", None, "attention.output.dense", "attention.output.dense",
@@ -241,6 +249,16 @@ def plain_run(
                 got[key] = _first(out)
 
             handles.append(mod.register_forward_hook(cap))
+    if attention_edit is not None and c.ref.probs:  # a plain hook on the probabilities
+        for i in range(c.model.n_layers):
+            attn = modules[f"{c.layer(i)}.{c.ref.attn}"]
+
+            def on_probs(m, args, out, attn=attn, edit=attention_edit):
+                return edit(attn, out)
+
+            probs = modules[f"{c.layer(i)}.{c.ref.probs}"]
+            handles.append(probs.register_forward_hook(on_probs))
+        attention_edit = None
     try:
         if attention_edit is not None:
             attn_cls = type(modules[f"{c.layer(0)}.{c.ref.attn}"])
@@ -310,6 +328,8 @@ def expected(c: Case, name: str) -> Tensor:
             return tr.wte(ids) + tr.wpe(torch.arange(ids.shape[1]))
         if c.name == "neox":
             return c.hf.gpt_neox.embed_in(c.call["input_ids"])
+        if c.name == "gptj":  # rotary positions: the token embedding only
+            return c.hf.transformer.wte(c.call["input_ids"])
         if c.decoder:
             return c.hf.model.embed_tokens(c.call["input_ids"])
         return got[("embeddings", "output")]

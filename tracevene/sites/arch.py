@@ -326,6 +326,35 @@ GEMMA2 = _post_norm_like(
 # heads after q_proj / k_proj, so attn.q / attn.k are the projections' outputs.
 OLMO2 = _post_norm_like("OLMo 2", ("olmo2",), lm_class="Olmo2ForCausalLM", tl=TL_POST_NORM)
 
+# GPT-J: attention and MLP in parallel from ln_1. Its attention is its own _attn (no
+# attention interface): the pattern is attn_dropout's input (the probabilities before
+# dropout, as on the eager route), which the tree registers before q/k/v_proj, hence
+# order_as; q_proj runs before k_proj but is registered after it.
+_GPTJ_ATTN = "{layer}.attn"
+GPTJ = Arch(
+    "GPT-J", ("gptj",), "transformer", "h",
+    {
+        "embed": Hook("{layer0}", "input"),
+        "resid_pre": Hook("{layer}", "input"),
+        "attn.q": Hook(_GPTJ_ATTN + ".q_proj", "output", "heads",
+                       order_as=(_GPTJ_ATTN + ".k_proj", "input"), sub=-1),
+        "attn.k": Hook(_GPTJ_ATTN + ".k_proj", "output", "heads"),
+        "attn.v": Hook(_GPTJ_ATTN + ".v_proj", "output", "heads"),
+        "attn.pattern": Hook(_GPTJ_ATTN + ".attn_dropout", "input",
+                             order_as=(_GPTJ_ATTN + ".out_proj", "input"), sub=-1),
+        "attn.z": Hook(_GPTJ_ATTN + ".out_proj", "input", "heads"),
+        "attn.head_out": Hook(_GPTJ_ATTN + ".out_proj", "output", "head_out"),
+        "attn.out": Hook(_GPTJ_ATTN, "output"),
+        "mlp.hidden": Hook("{layer}.mlp.fc_out", "input"),
+        "mlp.out": Hook("{layer}.mlp", "output"),
+        "resid_post": Hook("{layer}", "output"),
+        "final": Hook("ln_f", "output"),
+        "logits": Hook("^lm_head", "output"),
+    },
+    lm_class="GPTJForCausalLM",
+    parallel=True,
+    tl=TL_BRIDGE,
+)  # fmt: skip
 # Gemma 3 text: Gemma 2's four norms plus q_norm / k_norm per head (attn.q / attn.k at
 # q_proj / k_proj outputs, before them); scaled by query_pre_attn_scalar, which the
 # attention module passes on as its scaling.
@@ -335,7 +364,8 @@ GEMMA3 = _post_norm_like(
 )  # fmt: skip
 
 ARCHES: tuple[Arch, ...] = (
-    GPT2, GPT_NEOX, LLAMA, MISTRAL, QWEN2, GEMMA, QWEN3, GEMMA2, OLMO2, GEMMA3, BERT,
+    GPT2, GPT_NEOX, LLAMA, MISTRAL, QWEN2, GEMMA, QWEN3, GEMMA2, OLMO2, GEMMA3, GPTJ,
+    BERT,
 )  # fmt: skip
 
 #: TransformerLens's own architecture: hook points only, no Hugging Face modules (so
