@@ -75,14 +75,13 @@ import torch
 from torch import Tensor
 
 import tracevene as iv
-from tracevene.patching import PatchResult
+from tracevene.patching import PatchResult, causal_tracing
 from tracevene.tasks import ioi
 
 SITES = ("resid_pre", "attn.out", "mlp.out")
 SUBJECTS = {"names": ("IO", "S1", "S2"), "io": ("IO",), "s": ("S1", "S2")}
 MIN_RECOVERED = 0.005  # restorations that recover less are not listed
 Metric = Callable[[Tensor], Tensor]
-Cell = tuple[str, int, int]  # (site, layer, position) restored from the clean run
 
 
 def parse_args(argv: list[str] | None = None) -> Any:
@@ -122,123 +121,6 @@ def subject_positions(ds: ioi.Dataset, subject: str = "names") -> Tensor:
             f"{', '.join(map(repr, sorted(SUBJECTS)))} (the --subject choices)."
         )
     return torch.stack([ds.pos[role] for role in SUBJECTS[subject]], dim=1)
-
-
-def embedding_noise(
-    model: iv.Model, ids: Tensor, subject: Tensor, seed: int, scale: float = 3.0
-) -> Tensor:
-    """``[n, k, d_model]`` Gaussian noise for the subject tokens, drawn once from ``seed``.
-
-    Its standard deviation is ``scale`` times that of the clean embeddings (``embed``)
-    at the subject positions.
-    """
-    rows = torch.arange(ids.shape[0])[:, None]
-    with iv.trace(model, ids) as t:
-        embeddings = t.embed[rows, subject].save()
-    std = embeddings.value.detach().float().std().item()
-    generator = torch.Generator().manual_seed(seed)
-    return scale * std * torch.randn((*subject.shape, model.d_model), generator=generator)
-
-
-# -- restorations --------------------------------------------------------------------------------
-def site_of(run: Any, site: str, layer: int) -> Any:
-    """``run.layer[layer].<site>`` for a dotted site name such as ``"mlp.out"``."""
-    scope = run.layer[layer]
-    for part in site.split("."):
-        scope = getattr(scope, part)
-    return scope
-
-
-def clean_states(model: iv.Model, ids: Tensor, sites: Sequence[str]) -> dict[tuple, Tensor]:
-    """``(site, layer) -> [n, pos, d_model]`` clean values, from one forward pass."""
-    keys = [(site, layer) for site in sites for layer in range(model.n_layers)]
-    with iv.trace(model, ids) as t:
-        saved = {key: site_of(t, *key).save() for key in keys}
-    return {key: s.value.detach() for key, s in saved.items()}
-
-
-def restore(
-    model: iv.Model,
-    ids: Tensor,
-    subject: Tensor,
-    noise: Tensor,
-    clean: dict[tuple, Tensor],
-    experiments: Sequence[Sequence[Cell]],
-    metric: Metric,
-    experiments_per_pass: int = 16,
-) -> Tensor:
-    """The metric of each experiment: the noised run with its cells restored from ``clean``.
-
-    Args:
-        model: The model.
-        ids: ``[n, pos]`` clean prompts.
-        subject: ``[n, k]`` positions that get the noise.
-        noise: ``[n, k, d_model]`` the noise, the same for every experiment.
-        clean: Clean states from :func:`clean_states`, keyed ``(site, layer)``.
-        experiments: For each experiment, the ``(site, layer, position)`` cells to
-            restore (an empty list: the corrupted run itself).
-        metric: ``metric(logits [n, pos, vocab]) -> scalar``.
-        experiments_per_pass: How many experiments share one forward pass.
-
-    Returns:
-        ``[len(experiments)]`` metric values.
-    """
-    out = []
-    for start in range(0, len(experiments), experiments_per_pass):
-        chunk = experiments[start : start + experiments_per_pass]
-        out.append(_run_chunk(model, ids, subject, noise, clean, chunk, metric))
-    return torch.cat(out)
-
-
-def _run_chunk(model, ids, subject, noise, clean, chunk, metric) -> Tensor:
-    """One forward pass of ``len(chunk)`` experiments, experiment e in rows e*n..(e+1)*n."""
-    n, e_count = ids.shape[0], len(chunk)
-    writes: dict[tuple[str, int], list[tuple[int, int]]] = {}
-    for e, cells in enumerate(chunk):
-        for site, layer, pos in cells:
-            writes.setdefault((site, layer), []).append((e, pos))
-    with iv.trace(model, ids.repeat(e_count, 1)) as t:
-        rows = torch.arange(n * e_count)[:, None]
-        t.embed[rows, subject.repeat(e_count, 1)] += noise.repeat(e_count, 1, 1)
-        for (site, layer), cells in writes.items():  # after the noise: restores win
-            r = torch.cat([torch.arange(e * n, (e + 1) * n) for e, _ in cells])
-            p = torch.tensor([p for _, p in cells]).repeat_interleave(n)
-            value = torch.cat([clean[site, layer][:, p] for _, p in cells])
-            site_of(t, site, layer)[r, p] = value
-        logits = t.logits.save()
-    with torch.no_grad():
-        x = logits.value
-        return torch.stack([metric(x[e * n : (e + 1) * n]).float() for e in range(e_count)])
-
-
-def window(layer: int, size: int, n_layers: int) -> range:
-    """The ``size`` layers around ``layer`` (ROME's window), clipped to the model."""
-    return range(max(0, layer - size // 2), min(n_layers, layer - (-size // 2)))
-
-
-def grid(site: str, n_layers: int, n_pos: int, size: int = 1) -> list[list[Cell]]:
-    """One experiment per (layer, position), layer-major; windows of ``size`` layers."""
-    return [[(site, w, pos) for w in window(layer, size, n_layers)]
-            for layer in range(n_layers) for pos in range(n_pos)]  # fmt: skip
-
-
-def causal_trace(
-    model: iv.Model,
-    ids: Tensor,
-    subject: Tensor,
-    noise: Tensor,
-    metric: Metric,
-    site: str = "resid_pre",
-    size: int = 1,
-    experiments_per_pass: int = 16,
-) -> PatchResult:
-    """The metric with ``site`` restored at each layer (window) and position."""
-    clean = clean_states(model, ids, [site])
-    experiments = grid(site, model.n_layers, ids.shape[1], size)
-    values = restore(model, ids, subject, noise, clean, experiments, metric, experiments_per_pass)
-    name = site if size == 1 else f"{site} (window {size})"
-    return PatchResult(values.reshape(model.n_layers, ids.shape[1]), ("layer", "pos"), name,
-                       "denoise")  # fmt: skip
 
 
 def p_answer(ds: ioi.Dataset) -> Metric:
@@ -323,16 +205,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("this recipe needs a model directory with a tokenizer (--model)")
     ds = ioi.make_dataset(tokenizer, n=n, seed=args.seed, templates=[ioi.TEMPLATES[args.template]])
     subject = subject_positions(ds, args.subject)
-    noise = embedding_noise(model, ds.clean, subject, args.seed, args.noise_scale)
     metric = p_answer(ds)
     size = args.window or max(1, round(model.n_layers / 5))
-    reference = restore(model, ds.clean, subject, noise, {}, [[]], metric)
-    with iv.trace(model, ds.clean) as t:
-        logits = t.logits.save()
-    p_clean, p_corrupted = metric(logits.value).item(), reference.item()
-    results = {site: causal_trace(model, ds.clean, subject, noise, metric, site,
-                                  1 if site == "resid_pre" else size, args.per_pass)
-               for site in SITES}  # fmt: skip
+    trace = causal_tracing(
+        model, ds.clean, metric, subject, sites=SITES, window={"attn.out": size, "mlp.out": size},
+        noise_scale=args.noise_scale, seed=args.seed, experiments_per_pass=args.per_pass,
+    )  # fmt: skip
+    noise, p_clean, p_corrupted, results = trace.noise, trace.clean, trace.corrupted, trace.results
     labels = position_labels(tokenizer, ds, subject)
     summary = {
         "n": n, "prompt": ds.text[0], "subject": args.subject, "window": size,
