@@ -2,15 +2,15 @@
 
 The task (:mod:`tracevene.tasks.hierarchical_equality`): four entities w, x, y, z
 (4-d random vectors from a pool of 20), label (w == x) == (y == z), balanced so that
-each pair is equal half the time. The model is an ``EqualityMLP``: three hidden
-ReLU layers of width 16 and a linear 2-way head (the modules ``layer1``, ``layer2``,
-``layer3``, ``head``), trained with AdamW (peak lr 5e-3 after 200 steps of linear
-warmup, then cosine decay to 0; weight decay 1.0) for 3000 steps on fresh batches of
-256. The strong weight decay matters for the science, not for the accuracy: it gives
-a simpler network whose first hidden layer keeps WX and YZ in separate (rotated)
-subspaces, which DAS then finds (recipes/das.py). The warmup, higher peak lr and
-3000 steps make this hold for every seed tried (0-4); with lr 3e-3 and 2000 steps
-seed 2 stalls at ~0.97 accuracy with the pairs still mixed.
+each pair is equal half the time. The model is an ``EqualityMLP``
+(:mod:`tracevene.models.equality`): three hidden ReLU layers of width 16 and a linear
+2-way head (the modules ``layer1``, ``layer2``, ``layer3``, ``head``), trained with
+AdamW (peak lr 5e-3 after 200 steps of linear warmup, then cosine decay to 0; weight
+decay 1.0) for 3000 steps on fresh batches of 256. The strong weight decay matters for
+the science, not for the accuracy: it gives a simpler network whose first hidden layer
+keeps WX and YZ in separate (rotated) subspaces, which DAS then finds (recipes/das.py).
+The warmup, higher peak lr and 3000 steps make this hold for every seed tried (0-4);
+with lr 3e-3 and 2000 steps seed 2 stalls at ~0.97 accuracy with the pairs still mixed.
 
 Run:  python models/train_hierarchical_equality.py [--seed 0] [--steps 3000]
       [--out models/hierarchical_equality]
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from tracevene.models.equality import train_mlp
 from tracevene.tasks import hierarchical_equality as he
 
 HERE = Path(__file__).resolve().parent
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> float:
     start = time.perf_counter()
     log(f"train_hierarchical_equality.py --seed {args.seed} --steps {args.steps} "
         f"(torch {torch.__version__})")  # fmt: skip
-    model = he.train_mlp(seed=args.seed, steps=args.steps)
+    model = train_mlp(seed=args.seed, steps=args.steps)
     x, y = he.factual_data(model.entities, 10_000, seed=10_000 + args.seed)
     accuracy = he.accuracy(model, x, y)
     log(f"config: {model.config}")

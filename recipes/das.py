@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 import tracevene as iv
+from tracevene.models.equality import EqualityMLP, train_mlp
 from tracevene.tasks import hierarchical_equality as he
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -97,22 +98,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # -- the model ------------------------------------------------------------------------------
-def load_mlp(args: argparse.Namespace) -> he.EqualityMLP:
+def load_mlp(args: argparse.Namespace) -> EqualityMLP:
     """The bundled (or --model) MLP, or a fresh one trained with --seed (--retrain)."""
     if args.retrain:
-        return he.train_mlp(seed=args.seed, steps=args.train_steps)
+        return train_mlp(seed=args.seed, steps=args.train_steps)
     path = Path(common.model_path(args.model))
     try:
-        return he.EqualityMLP.load(path)
+        return EqualityMLP.load(path)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot load --model {args.model!r}: {e}") from e
 
 
-def untrained_like(mlp: he.EqualityMLP, seed: int) -> he.EqualityMLP:
+def untrained_like(mlp: EqualityMLP, seed: int) -> EqualityMLP:
     """A randomly initialised MLP of the same shape and entity pool."""
     torch.manual_seed(seed + 12345)
     kwargs = {k: v for k, v in mlp.config.items() if k != "model_type"}
-    fresh = he.EqualityMLP(**kwargs)
+    fresh = EqualityMLP(**kwargs)
     fresh.entities.copy_(mlp.entities)
     return fresh.eval()
 
@@ -151,7 +152,7 @@ def program_for(model: iv.Model, layer: str, method: str, d: int) -> iv.Program:
 
 
 def run_method(
-    mlp: he.EqualityMLP,
+    mlp: EqualityMLP,
     layer: str,
     method: str,
     data: tuple[list[dict], list[dict]],

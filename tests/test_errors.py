@@ -277,7 +277,7 @@ def test_the_hub_without_huggingface_hub_is_a_missing_dependency_error(model, mo
 
 
 def test_a_directory_without_a_saved_mlp_is_a_missing_file_error(tmp_path):
-    from tracevene.tasks.hierarchical_equality import EqualityMLP
+    from tracevene.models.equality import EqualityMLP
 
     with pytest.raises(
         iv.MissingFileError,

@@ -1,4 +1,4 @@
-"""recipes/das.py and tracevene.tasks.hierarchical_equality: the task, the model, the recipe.
+"""recipes/das.py, tracevene.tasks.hierarchical_equality and tracevene.models.equality.
 
 The acceptance check (DESIGN.md section 5) retrains the MLP for seeds 0, 1 and 2 and
 measures layer-1 IIA of DAS and its baselines at a reduced training size (the full
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tracevene.models.equality import EqualityMLP
 from tracevene.tasks import hierarchical_equality as he
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,9 +66,9 @@ def test_bad_kinds_are_refused():
 
 
 def test_save_load_round_trip(tmp_path):
-    model = he.EqualityMLP(entity_seed=5).eval()
+    model = EqualityMLP(entity_seed=5).eval()
     model.save(tmp_path / "m")
-    loaded = he.EqualityMLP.load(tmp_path / "m")
+    loaded = EqualityMLP.load(tmp_path / "m")
     x, _ = he.factual_data(model.entities, 64, seed=0)
     assert torch.equal(loaded.entities, model.entities)
     assert torch.equal(loaded(x), model(x))
@@ -76,7 +77,7 @@ def test_save_load_round_trip(tmp_path):
         "model.safetensors",
     ]
     with pytest.raises(FileNotFoundError, match="config.json and model.safetensors"):
-        he.EqualityMLP.load(tmp_path)
+        EqualityMLP.load(tmp_path)
 
 
 # -- the recipe ------------------------------------------------------------------------------
@@ -116,7 +117,7 @@ def test_smoke_run_and_plot(tmp_path, capsys):
     assert set(summary["iia"]) == set(RECIPE["METHODS"])
     assert all(set(v) == {1, 2, 3} for v in summary["iia"].values())
     # the neuron-aligned baseline equals the same interchange done by hand
-    mlp = he.EqualityMLP.load(ROOT / "models/hierarchical_equality")
+    mlp = EqualityMLP.load(ROOT / "models/hierarchical_equality")
     _, test = RECIPE["make_data"](mlp.entities, 1, 1024, 0)
     for layer in (1, 2, 3):
         assert summary["iia"]["neurons"][layer] == pytest.approx(manual_iia(mlp, layer, test, None))
@@ -136,7 +137,7 @@ def test_nnsight_backend_matches_torch(tmp_path):
         RECIPE["iv"].RotatedSpace(16, variables={"WX": 8, "YZ": 8}).rotation.weight.detach()
         for _ in range(3)
     ]
-    mlp = he.EqualityMLP.load(ROOT / "models/hierarchical_equality")
+    mlp = EqualityMLP.load(ROOT / "models/hierarchical_equality")
     _, test = RECIPE["make_data"](mlp.entities, 1, 1024, 0)
     expected = sum(manual_iia(mlp, 1, test, r) for r in rotations) / 3
     assert torch_run["iia"]["random"][1] == pytest.approx(expected)
