@@ -285,6 +285,24 @@ def test_api_page_shows_every_public_signature(site):
     assert not problems, "docs/api.md / docstrings:\n" + "\n".join(problems)
 
 
+def test_the_package_exports_through_one_all_list():
+    import types
+
+    import tracevene
+
+    exported = tracevene.__all__
+    assert len(exported) == len(set(exported)), "tracevene.__all__ names something twice"
+    names = {name.removeprefix("tracevene.") for name in public_objects() if name.count(".") == 1}
+    modules = {n for n in exported if isinstance(getattr(tracevene, n), types.ModuleType)}
+    assert modules == {"metrics", "patching"}  # the two public submodules
+    assert set(exported) - modules == names, (
+        "tracevene/__init__.py: every public name it imports must be in __all__ and back"
+    )
+    star: dict[str, object] = {}
+    exec("from tracevene import *", star)
+    assert {n for n in star if not n.startswith("__")} == set(exported)
+
+
 if __name__ == "__main__":
     found = check_api_page(Path(sys.argv[1] if len(sys.argv) > 1 else "site"))
     print("\n".join(found) or "API page: every public name has its heading and signature.")
