@@ -74,3 +74,31 @@ def test_a_run_that_raised_keeps_no_plan(setup) -> None:
         with pytest.raises(iv.ScheduleError):
             t.program.run(model, ids)
     assert model.backend.plans.hits == 0
+
+
+def test_device_is_read_afresh_as_parameters_walk(setup) -> None:
+    """model.device finds the first parameter as nn.Module.parameters() does."""
+    hf, model, _, _ = setup
+    assert model.device == next(hf.parameters()).device == torch.device("cpu")
+    hf.transformer.wte = torch.nn.Embedding(*hf.transformer.wte.weight.shape, device="meta")
+    assert model.device == next(hf.parameters()).device == torch.device("meta")
+    hf.to("meta")
+    assert model.device == torch.device("meta")
+    bare = iv.wrap(torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Sequential()))
+    assert bare.device == torch.device("cpu")  # no parameters at all
+
+
+def test_a_moved_model_runs_right_from_its_cached_plan(setup) -> None:
+    hf, model, ids, program = setup
+    program.run(model, ids)
+    hits = model.backend.plans.hits
+    hf.double()  # new parameter data, same plan
+    again = program.run(model, ids)
+    assert model.backend.plans.hits == hits + 1
+    assert again["h"].dtype == torch.float64
+    assert torch.equal(again["h"], hooked(hf, ids))
+    if torch.cuda.is_available():
+        hf.to("cuda")
+        on_gpu = program.run(model, ids)  # ids on the CPU: moved to the model's device
+        assert on_gpu["h"].device.type == "cuda"
+        assert torch.equal(on_gpu["h"], hooked(hf, ids.cuda()))

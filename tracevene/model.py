@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -104,8 +105,9 @@ class Model:
                 f"this program has {program.n_sources} source run(s) but got {len(sources)} "
                 "source input(s): pass sources=[...] with one input per t.source()."
             )
-        missing = [a for a in program.args if a not in args]
-        extra = [a for a in args if a not in program.args]
+        names = program.args
+        missing = [a for a in names if a not in args]
+        extra = [a for a in args if a not in names]
         if missing or extra:
             raise ArgumentError(
                 f"placeholders: program needs {program.args or 'none'}; missing {missing}, "
@@ -144,13 +146,57 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        """Device of the module's first parameter (CPU if it has none)."""
-        p = next(self.module.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
+        """Device of the module's first parameter (CPU if it has none).
+
+        Read afresh on every call (nothing is cached, so a module moved with ``.to()``
+        or given new parameters is seen at once).
+        """
+        p = first_parameter(self.module)
+        return p.device if p is not None else _CPU
 
     def __repr__(self) -> str:
         arch = self.resolver.arch.name if self.resolver.arch else type(self.module).__name__
         return f"<tracevene.Model {arch} on {self.backend.name!r}>"
+
+
+_CPU = torch.device("cpu")
+
+
+def first_parameter(module: nn.Module) -> nn.Parameter | None:
+    """``next(module.parameters(), None)``, found without building its generators.
+
+    The same depth-first walk over ``_parameters`` and ``_modules`` that
+    ``nn.Module.parameters`` makes (several times faster on a Hugging Face model,
+    where it is read on every run). Where a module on the way walks its parameters or
+    submodules its own way (a TransformerLens bridge), ``parameters()`` is asked.
+    """
+    p = _first_parameter(module, set())
+    return next(module.parameters(), None) if p is _ASK else p
+
+
+_ASK = object()  # the walk met a module with its own parameters() / named_modules()
+
+
+def _first_parameter(module: nn.Module, seen: set[int]) -> Any:
+    if not _plain_walk(type(module)):
+        return _ASK
+    seen.add(id(module))  # a module reached twice is walked once, as named_modules does
+    for p in module._parameters.values():
+        if p is not None:
+            return p
+    for child in module._modules.values():
+        if child is not None and id(child) not in seen:
+            p = _first_parameter(child, seen)
+            if p is not None:
+                return p
+    return None
+
+
+@functools.cache
+def _plain_walk(cls: type) -> bool:
+    """Whether ``cls`` walks its parameters and submodules as ``nn.Module`` does."""
+    names = ("parameters", "named_parameters", "_named_members", "named_modules")
+    return all(getattr(cls, n, None) is getattr(nn.Module, n) for n in names)
 
 
 def wrap(model: nn.Module | Model, backend: str | None = None, tokenizer: Any = None) -> Model:

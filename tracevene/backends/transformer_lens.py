@@ -113,9 +113,15 @@ class LensBackend(Backend):
         """Refuse writes to hook points this engine only lets us read."""
         model.resolver.check_writes(program)
 
-    def to_call(self, model: Any, inputs: Any, forward_kwargs: dict[str, Any]) -> Call:
+    def to_call(
+        self,
+        model: Any,
+        inputs: Any,
+        forward_kwargs: dict[str, Any],
+        device: torch.device | None = None,
+    ) -> Call:
         """Forward arguments of the engine (text goes through its tokenizer)."""
-        return model.resolver.to_call(model, inputs, forward_kwargs)
+        return model.resolver.to_call(model, inputs, forward_kwargs, device)
 
     def can_batch(self, model: Any, calls: list[Call]) -> bool:
         """Runs with inputs of one shape share a pass."""
@@ -477,8 +483,17 @@ class LensResolver:
         return order, counts
 
     # -- inputs ------------------------------------------------------------------------
-    def to_call(self, model: Any, inputs: Any, forward_kwargs: Mapping[str, Any]) -> Call:
-        """``(args, kwargs)`` for ``engine(...)`` from one run's inputs."""
+    def to_call(
+        self,
+        model: Any,
+        inputs: Any,
+        forward_kwargs: Mapping[str, Any],
+        device: torch.device | None = None,
+    ) -> Call:
+        """``(args, kwargs)`` for ``engine(...)`` from one run's inputs.
+
+        ``device``: where the inputs go (default ``model.device``).
+        """
         if isinstance(inputs, str) or (
             isinstance(inputs, list) and inputs and all(isinstance(s, str) for s in inputs)
         ):
@@ -502,7 +517,7 @@ class LensResolver:
         kwargs = {**forward_kwargs, **kwargs}
         if self.bridge:
             kwargs.setdefault("use_cache", False)
-        device = model.device
+        device = model.device if device is None else device
         to = lambda v: v.to(device) if isinstance(v, Tensor) else v  # noqa: E731
         args, kwargs = tuple(to(a) for a in args), {k: to(v) for k, v in kwargs.items()}
         if self.bridge and isinstance(args[0], Tensor) and args[0].dim() == 2:

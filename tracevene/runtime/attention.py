@@ -54,8 +54,9 @@ _switched: dict[int, list] = {}
 _switch_lock = threading.Lock()
 
 
-@contextlib.contextmanager
-def pattern_attention(root: nn.Module | None, active: bool) -> Iterator[None]:
+def pattern_attention(
+    root: nn.Module | None, active: bool
+) -> contextlib.AbstractContextManager[None]:
     """Route the attention of the HF models inside ``root`` through ``_attention``.
 
     Switches every Hugging Face config found on ``root``'s modules for the duration of
@@ -64,10 +65,14 @@ def pattern_attention(root: nn.Module | None, active: bool) -> Iterator[None]:
     a config) count their uses: the first saves the config's own value, the last puts
     it back, so a config is never left switched.
     """
-    global _registered
     if not active or root is None:
-        yield
-        return
+        return contextlib.nullcontext()
+    return _switch(root)
+
+
+@contextlib.contextmanager
+def _switch(root: nn.Module) -> Iterator[None]:
+    global _registered
     from transformers import AttentionInterface, AttentionMaskInterface, PretrainedConfig
     from transformers.masking_utils import eager_mask
 

@@ -66,9 +66,19 @@ class Backend(ABC):
         """Raise ``iv.SiteError`` if ``site`` is not valid on ``model``."""
         model.resolver.bind(site)  # binding validates, and caches the hook point
 
-    def to_call(self, model: Model, inputs: Any, forward_kwargs: dict[str, Any]) -> Call:
-        """``(args, kwargs)`` of the forward call for one run's inputs."""
-        return to_call(model, inputs, forward_kwargs)
+    def to_call(
+        self,
+        model: Model,
+        inputs: Any,
+        forward_kwargs: dict[str, Any],
+        device: torch.device | None = None,
+    ) -> Call:
+        """``(args, kwargs)`` of the forward call for one run's inputs.
+
+        ``device``: where the inputs go (``model.device``, read by the caller once
+        per run; default: read here).
+        """
+        return to_call(model, inputs, forward_kwargs, device)
 
     def can_batch(self, model: Model, calls: list[Call]) -> bool:
         """Whether these runs may share one forward pass."""
@@ -112,17 +122,18 @@ class Backend(ABC):
         source_cache: SourceCache | None,
     ) -> Result:
         self.check_program(model, program)
-        calls = [self.to_call(model, x, forward_kwargs) for x in inputs]
+        device = model.device  # read once per run (it follows .to() at once)
+        calls = [self.to_call(model, x, forward_kwargs, device) for x in inputs]
         check_padding(program, calls)
 
-        device = model.device
         mode = run_mode(schedule, device)
         plan = self.plans.plan(program, model.resolver.bind, mode, self.can_batch(model, calls))
         env = Env(program, dict(args), device)
         grad = torch.is_grad_enabled() and needs_grad(program, args)
         output = None
         # cached(): a rotation shared by many sites is materialised once per run
-        with torch.set_grad_enabled(grad), frozen(model.module, grad, program), cached():
+        once = cached() if program.modules else contextlib.nullcontext()
+        with torch.set_grad_enabled(grad), frozen(model.module, grad, program), once:
             env.run_nodes(plan.prelude)
             for p in plan.passes:
                 run_calls = [calls[r] for r in p.runs]
@@ -182,21 +193,26 @@ def run_mode(schedule: str, device: torch.device) -> str:
 
 def needs_grad(program: Program, args: Mapping[str, Any]) -> bool:
     """Whether anything the program holds or is given requires grad."""
+    if not (program.tensors or program.modules or args):
+        return False
     tensors = [*program.tensors.values(), *(a for a in args.values() if isinstance(a, Tensor))]
     params = (p for m in program.modules.values() for p in m.parameters())
     return any(t.requires_grad for t in tensors) or any(p.requires_grad for p in params)
 
 
-@contextlib.contextmanager
-def frozen(module: nn.Module, active: bool, program: Program) -> Iterator[None]:
+def frozen(
+    module: nn.Module, active: bool, program: Program
+) -> contextlib.AbstractContextManager[None]:
     """Keep the model's own parameters out of the autograd graph while a program runs.
 
     Parameters that an intervention module of the program shares with the model stay
     trainable. Does nothing when ``active`` is false.
     """
-    if not active:
-        yield
-        return
+    return _frozen(module, program) if active else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _frozen(module: nn.Module, program: Program) -> Iterator[None]:
     shared = {id(p) for m in program.modules.values() for p in m.parameters()}
     params = [p for p in module.parameters() if p.requires_grad and id(p) not in shared]
     for p in params:

@@ -21,17 +21,18 @@ class Stop(BaseException):
     """
 
 
+def _rows(runs: list[int], sizes: list[int]) -> dict[int, slice]:
+    """The rows of each run in a pass that stacks ``runs`` of ``sizes`` rows."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return {r: slice(s, s + n) for r, s, n in zip(runs, starts, sizes, strict=True)}
+
+
 class PassRun:
     """State of one forward pass: its hooks, what fired, and the rows of each run."""
 
     def __init__(self, model: Any, p: Pass, env: Env, sizes: list[int]):
         self.model, self.p, self.env = model, p, env
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        single = len(sizes) == 1
-        self.rows = {
-            r: slice(None) if single else slice(s, s + n)
-            for r, s, n in zip(p.runs, starts, sizes, strict=True)
-        }
+        self.rows = {p.runs[0]: slice(None)} if len(sizes) == 1 else _rows(p.runs, sizes)
         self.bindings: dict[str, Binding] = p.bindings
         self.captures, self.points = p.captures, p.points
         self.fired: set[tuple[str, str]] = set()

@@ -18,14 +18,23 @@ from ..sites.vocab import display, parse
 Call = tuple[tuple, dict]
 
 
-def to_call(model: Any, inputs: Any, forward_kwargs: Mapping[str, Any]) -> Call:
-    """``(args, kwargs)`` for ``model.module(...)`` from one run's inputs."""
+def to_call(
+    model: Any,
+    inputs: Any,
+    forward_kwargs: Mapping[str, Any],
+    device: torch.device | None = None,
+) -> Call:
+    """``(args, kwargs)`` for ``model.module(...)`` from one run's inputs.
+
+    ``device`` is where the inputs go (default ``model.device``; a run that already
+    read it passes it on).
+    """
     hf = model.resolver.arch is not None
     inputs = tokenize(model, inputs)
-    if isinstance(inputs, Mapping):
-        args, kwargs = (), dict(inputs)
-    elif isinstance(inputs, torch.Tensor):
+    if isinstance(inputs, torch.Tensor):
         args, kwargs = ((), {"input_ids": inputs}) if hf else ((inputs,), {})
+    elif isinstance(inputs, Mapping):
+        args, kwargs = (), dict(inputs)
     elif isinstance(inputs, tuple):
         args, kwargs = inputs, {}
     else:
@@ -37,9 +46,9 @@ def to_call(model: Any, inputs: Any, forward_kwargs: Mapping[str, Any]) -> Call:
     kwargs = {**forward_kwargs, **kwargs}
     if hf:
         kwargs.setdefault("use_cache", False)
-    device = model.device
+    device = model.device if device is None else device
     args, kwargs = _to(args, device), {k: _to(v, device) for k, v in kwargs.items()}
-    if hf:
+    if hf and "attention_mask" in kwargs:  # (with_position_ids needs a mask)
         kwargs = with_position_ids(model.module, kwargs, _length(kwargs))
     return args, kwargs
 
@@ -259,6 +268,8 @@ def check_padding(program: Program, calls: Sequence[Call]) -> None:
     reads = {n.id: n for n in program.nodes if n.op == "read"}
     padded: dict[int, list[int]] = {}
     for node in program.nodes:
+        if node.op != "write" and node.op != "getitem":
+            continue  # (most nodes: skipped without a call)
         site, index = _indexed_site(node, reads)
         if site is None or site.run >= len(calls):
             continue

@@ -81,6 +81,8 @@ class Env:
             return self.args[node.target]
         if op == "const":
             return self.program.tensors[node.target].to(self.device)
+        if op == "save" and not node.kwargs:  # the common case, without the general path
+            return self.get(node.args[0], node)
         args = self.get(node.args, node)
         kwargs = {k: self.get(v, node) for k, v in node.kwargs}
         if op == "getitem":

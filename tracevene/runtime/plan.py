@@ -60,6 +60,7 @@ class Plan:
         mode: ``"batched"`` or ``"sequential"`` (what was asked for after ``"auto"``).
         nodes: The nodes of the program the plan was made for.
         saves: Its save nodes, in program order.
+        bound: ``(site, binding)`` of every read and write, to check the plan against.
     """
 
     passes: list[Pass]
@@ -67,6 +68,7 @@ class Plan:
     mode: str
     nodes: tuple[Node, ...] = ()
     saves: list[Node] = field(default_factory=list)
+    bound: tuple[tuple[str, Binding], ...] = ()
 
     def describe(self) -> str:
         """One line per pass, e.g. ``pass 1: base+src1 (batched, 3 hook points)``."""
@@ -76,10 +78,12 @@ class Plan:
             for i, p in enumerate(self.passes)
         )
 
-
     def current(self, bind: Bind) -> bool:
         """Whether every site still binds to the binding this plan was made with."""
-        return all(bind(s) is b for p in self.passes for s, b in p.bindings.items())
+        for site, binding in self.bound:
+            if bind(site) is not binding:
+                return False
+        return True
 
 
 #: ``(site name) -> its binding`` (where it is hooked, its place in forward order)
@@ -253,7 +257,8 @@ def _assign(program: Program, layers, bind: Bind, mode: str) -> Plan:
     for p in passes:
         p.seal()
     saves = [n for n in program.nodes if n.op == "save"]
-    return Plan(passes, prelude, mode, program.nodes, saves)
+    bound = tuple((s, b) for p in passes for s, b in p.bindings.items())
+    return Plan(passes, prelude, mode, program.nodes, saves, bound)
 
 
 def _late_message(read: Node, write: Node, whose: str) -> str:
