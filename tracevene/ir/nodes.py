@@ -127,6 +127,37 @@ class Node:
         object.__setattr__(self, "args", _same_nan(self.args))
         object.__setattr__(self, "kwargs", _same_nan(self.kwargs))
 
+    @property
+    def key(self) -> str:
+        """``target`` of a node whose op has one (every op but an unnamed ``save``).
+
+        Raises:
+            ProgramFormatError: The node has no target (``Program.validate`` refuses
+                such read, write, arg and call nodes).
+        """
+        if self.target is None:
+            raise ProgramFormatError(
+                f"node %{self.id} ({self.op}) has no target; a {self.op} node names its "
+                "site, function, method, module or placeholder: record it again, or fix "
+                "the program file."
+            )
+        return self.target
+
+    @property
+    def run_index(self) -> int:
+        """``run`` of a ``read`` / ``write`` node: 0 for the base, k for the k-th source.
+
+        Raises:
+            ProgramFormatError: The node has no run (``Program.validate`` refuses reads
+                and writes without one).
+        """
+        if self.run is None:
+            raise ProgramFormatError(
+                f"node %{self.id} ({self.op}) has no run; a read or write names its run "
+                "(0: base, k: the k-th source): record it again, or fix the program file."
+            )
+        return self.run
+
     def refs(self) -> list[int]:
         """Ids of the nodes this node reads."""
         out: list[int] = []

@@ -66,8 +66,8 @@ class PassRun:
         changed = False
         for node in self.p.events.get(point, ()):
             if node.op in ("read", "write"):
-                ctx.rows = self.rows[node.run]
-                binding = self.bindings[node.target]
+                ctx.rows = self.rows[node.run_index]
+                binding = self.bindings[node.key]
                 if node.op == "read":
                     self.env.read(node, binding, x, ctx)
                 else:
@@ -80,7 +80,7 @@ class PassRun:
         """Why a pass is incomplete: which sites never ran, and where."""
         missing = sorted(self.points - self.fired)
         sites = [
-            f"{run_name(n.run)}.{display(n.target)}"
+            f"{run_name(n.run_index)}.{display(n.key)}"
             for point in missing
             for n in self.p.events.get(point, ())
             if n.op in ("read", "write")

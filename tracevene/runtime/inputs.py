@@ -271,15 +271,16 @@ def check_padding(program: Program, calls: Sequence[Call]) -> None:
         if node.op != "write" and node.op != "getitem":
             continue  # (most nodes: skipped without a call)
         site, index = _indexed_site(node, reads)
-        if site is None or site.run >= len(calls):
+        if site is None or site.run_index >= len(calls):
             continue
-        end = _from_end(index, _position_axes(site.target))
+        end = _from_end(index, _position_axes(site.key))
         if end is None:
             continue
-        if site.run not in padded:
-            padded[site.run] = _right_padded(calls[site.run])
-        if padded[site.run]:
-            raise ExecutionError(_padding_message(node, site, index, end, padded[site.run]))
+        run = site.run_index
+        if run not in padded:
+            padded[run] = _right_padded(calls[run])
+        if padded[run]:
+            raise ExecutionError(_padding_message(node, site, index, end, padded[run]))
 
 
 def _indexed_site(node: Node, reads: Mapping[int, Node]) -> tuple[Node | None, Any]:
@@ -325,8 +326,8 @@ def _right_padded(call: Call) -> list[int]:
 
 
 def _padding_message(node: Node, site: Node, index: Any, end: Any, rows: list[int]) -> str:
-    run = run_name(site.run)
-    where = f"{run}.{display(site.target)}{format_index(index)}"
+    run = run_name(site.run_index)
+    where = f"{run}.{display(site.key)}{format_index(index)}"
     what = f"position {end}" if isinstance(end, int) else f"positions {format_arg(end)}"
     return (
         f"line {node.loc}: {where} counts positions from the end, but the {run} inputs "

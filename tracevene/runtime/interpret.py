@@ -78,9 +78,9 @@ class Env:
     def _compute(self, node: Node) -> Any:
         op = node.op
         if op == "arg":
-            return self.args[node.target]
+            return self.args[node.key]
         if op == "const":
-            return self.program.tensors[node.target].to(self.device)
+            return self.program.tensors[node.key].to(self.device)
         if op == "save" and not node.kwargs:  # the common case, without the general path
             return self.get(node.args[0], node)
         args = self.get(node.args, node)
@@ -92,11 +92,11 @@ class Env:
             out[args[1]] = args[2]
             return out
         if op == "call_function":
-            return resolve_function(node.target)(*args, **kwargs)
+            return resolve_function(node.key)(*args, **kwargs)
         if op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
+            return getattr(args[0], node.key)(*args[1:], **kwargs)
         if op == "call_module":
-            return self.program.modules[node.target](*args, **kwargs)
+            return self.program.modules[node.key](*args, **kwargs)
         if op == "save":
             return args[0]
         raise ExecutionError(f"cannot compute op {op!r}")
@@ -146,7 +146,7 @@ def _rows(x: Tensor, rows: slice) -> Tensor:
 
 def _assign(site: Tensor, index: Any, value: Any, node: Node) -> Tensor:
     if not isinstance(value, (Tensor, int, float, bool)):
-        where = f"{run_name(node.run)}.{display(node.target)}{format_index(index)}"
+        where = f"{run_name(node.run_index)}.{display(node.key)}{format_index(index)}"
         raise ExecutionError(
             f"line {node.loc}: cannot write a {type(value).__name__} ({value!r:.40}) to "
             f"{where}: a site takes a tensor or a number. The value comes from a module "
@@ -162,7 +162,7 @@ def _assign(site: Tensor, index: Any, value: Any, node: Node) -> Tensor:
     except RuntimeError:
         shape = None
     if shape != target.shape:
-        where = f"{run_name(node.run)}.{display(node.target)}{format_index(index)}"
+        where = f"{run_name(node.run_index)}.{display(node.key)}{format_index(index)}"
         raise ShapeError(
             f"line {node.loc}: cannot write a value of shape {tuple(value.shape)} to {where}, "
             f"which has shape {tuple(target.shape)} (the site has shape {tuple(site.shape)}). "
@@ -180,14 +180,14 @@ def _assign(site: Tensor, index: Any, value: Any, node: Node) -> Tensor:
 
 def _describe(node: Node) -> str:
     if node.op in ("read", "write"):
-        return f"{node.op} of {run_name(node.run)}.{display(node.target)}"
+        return f"{node.op} of {run_name(node.run_index)}.{display(node.key)}"
     return f"%{node.id} ({node.op} {node.target or ''})".replace(" )", ")")
 
 
 def _module_shape_message(program: Program, node: Node, error: ShapeError) -> str:
     """The module's shape error, with the user's line and the sites its inputs come from."""
     sites = ", ".join(source_sites(program, node)) or "no site (constants and placeholders)"
-    module = type(program.modules[node.target]).__name__
+    module = type(program.modules[node.key]).__name__
     return (
         f"line {node.loc}: {module} ({node.target}) applied to {sites}: {error} If the "
         "program was saved for another model, run it on a model whose sites have the "
@@ -210,5 +210,5 @@ def source_sites(program: Program, node: Node) -> list[str]:
             if program.nodes[i].op != "read":
                 stack.extend(program.nodes[i].refs())
     reads = [program.nodes[i] for i in sorted(seen) if program.nodes[i].op == "read"]
-    names = (f"{run_name(n.run)}.{display(n.target)}" for n in reads)
+    names = (f"{run_name(n.run_index)}.{display(n.key)}" for n in reads)
     return list(dict.fromkeys(names))

@@ -155,19 +155,20 @@ def make_plan(program: Program, bind: Bind, mode: str, can_batch: bool) -> Plan:
     """
     nodes = program.nodes
     feeds = _feeding_reads(nodes)
-    used = {0} | {n.run for n in nodes if n.op in ("read", "write")}
+    used = {0} | {n.run_index for n in nodes if n.op in ("read", "write")}
     edges: dict[tuple[int, int], tuple[Node, Node] | None] = {}  # (r_from, r_to) -> strict?
     for w in (n for n in nodes if n.op == "write"):
-        kw = bind(w.target).order
+        kw = bind(w.key).order
         for r in feeds[w.id]:
             read = nodes[r]
-            kr = bind(read.target).order
-            if read.run == w.run:
+            kr = bind(read.key).order
+            if read.run_index == w.run_index:
                 if kr > kw:
                     raise ScheduleError(_late_message(read, w, "its own"))
                 continue
             strict = (read, w) if kr > kw else None
-            edges[(read.run, w.run)] = edges.get((read.run, w.run)) or strict
+            edge = (read.run_index, w.run_index)
+            edges[edge] = edges.get(edge) or strict
     groups = _components(sorted(used), edges)
     for group in groups:
         for (a, b), strict in edges.items():
@@ -243,9 +244,9 @@ def _assign(program: Program, layers, bind: Bind, mode: str) -> Plan:
     prelude: list[Node] = []
     for n in program.nodes:
         if n.op in ("read", "write"):
-            b = bind(n.target)
-            when[n.id] = (pass_of[n.run], b.order, (b.path, b.io))
-            passes[pass_of[n.run]].bindings[n.target] = b
+            b = bind(n.key)
+            when[n.id] = (pass_of[n.run_index], b.order, b.point)
+            passes[pass_of[n.run_index]].bindings[n.key] = b
         else:
             when[n.id] = max((when[r] for r in n.refs()), default=PRELUDE, key=lambda w: w[:2])
         if when[n.id] == PRELUDE:
@@ -263,8 +264,8 @@ def _assign(program: Program, layers, bind: Bind, mode: str) -> Plan:
 
 def _late_message(read: Node, write: Node, whose: str) -> str:
     return (
-        f"{run_name(write.run)}.{display(write.target)} (line {write.loc}) is written from "
-        f"{run_name(read.run)}.{display(read.target)} (line {read.loc}), a later site of "
+        f"{run_name(write.run_index)}.{display(write.key)} (line {write.loc}) is written from "
+        f"{run_name(read.run_index)}.{display(read.key)} (line {read.loc}), a later site of "
         f"{whose} run: that value does not exist yet when the write happens. Read it from "
         "a source run instead (t.source(inputs))."
     )
@@ -272,9 +273,9 @@ def _late_message(read: Node, write: Node, whose: str) -> str:
 
 def _cycle_message(read: Node, write: Node) -> str:
     return (
-        f"runs {run_name(read.run)} and {run_name(write.run)} each need a later site of the "
-        f"other: {run_name(write.run)}.{display(write.target)} (line {write.loc}) is written "
-        f"from {run_name(read.run)}.{display(read.target)} (line {read.loc}), while "
-        f"{run_name(read.run)} also depends on {run_name(write.run)}. Split the program, or "
+        f"runs {run_name(read.run_index)} and {run_name(write.run_index)} each need a later site of the "
+        f"other: {run_name(write.run_index)}.{display(write.key)} (line {write.loc}) is written "
+        f"from {run_name(read.run_index)}.{display(read.key)} (line {read.loc}), while "
+        f"{run_name(read.run_index)} also depends on {run_name(write.run_index)}. Split the program, or "
         "feed one of them from an extra source run."
     )

@@ -9,9 +9,45 @@ encoder, its language-model class, parallel attention, and why a site is missing
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 from torch import nn
+
+#: Where a hook reads and writes: the module's first input, its output, or the attention
+#: probabilities computed inside it.
+HookIO = Literal["input", "output", "pattern"]
+#: How a site's tensor is cut from the hooked tensor, besides a ``Chunk`` (see ``Hook``).
+ViewKind = Literal["ident", "heads", "head_out", "resid_mid"]
+#: How a site is cut from a TransformerLens hook point's tensor (see ``Lens``).
+LensView = Literal["ident", "resid_mid", "head_out"]
+
+
+class Point(NamedTuple):
+    """A hook point of one pass: a module path (or hook name) and which of its tensors.
+
+    Attributes:
+        path: Module path, or a TransformerLens hook name.
+        io: ``HookIO``, or ``"hook"`` for a TransformerLens hook point.
+    """
+
+    path: str
+    io: HookIO | Literal["hook"]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A view cutting part ``part`` of ``parts`` of the last dim, then its heads.
+
+    Attributes:
+        part: Which part (0-based).
+        parts: How many parts the last dim holds (3 for a fused q, k, v projection).
+        layout: ``"split"``: the parts are contiguous chunks; ``"interleaved"``: the last
+            dim is heads x parts x head_dim.
+    """
+
+    part: int
+    parts: int
+    layout: Literal["split", "interleaved"] = "split"
 
 
 @dataclass(frozen=True)
@@ -26,9 +62,8 @@ class Hook:
             first element), or ``"pattern"`` (attention probabilities inside the
             attention module at ``path``).
         view: How the site's tensor is cut from the hooked tensor: ``"ident"``,
-            ``"heads"`` (last dim -> heads x head_dim), ``"split{j}/{n}"`` (chunk j of n
-            of the last dim, then heads), ``"interleaved{j}/{n}"`` (last dim is heads x n
-            x head_dim: part j), ``"head_out"`` (one head's share of the output
+            ``"heads"`` (last dim -> heads x head_dim), a ``Chunk`` (part j of n of the
+            last dim, then heads), ``"head_out"`` (one head's share of the output
             projection), ``"resid_mid"`` (layer input + attention output).
         heads: ``"q"`` for query heads, ``"kv"`` for key-value heads.
         order_as: ``(path, io)`` whose place in forward order this site takes, for a
@@ -38,10 +73,10 @@ class Hook:
     """
 
     path: str
-    io: str = "output"
-    view: str = "ident"
-    heads: str = "q"
-    order_as: tuple[str, str] | None = None
+    io: HookIO = "output"
+    view: ViewKind | Chunk = "ident"
+    heads: Literal["q", "kv"] = "q"
+    order_as: tuple[str, HookIO] | None = None
     sub: int = 0
 
 
@@ -60,7 +95,7 @@ class Lens:
     """
 
     names: tuple[str, ...]
-    view: str = "ident"
+    view: LensView = "ident"
 
 
 @dataclass(frozen=True)
@@ -240,7 +275,7 @@ GPT2 = Arch(
         "resid_pre": Hook("{layer}", "input"),
         **_attention_sites(
             {
-                f"attn.{x}": Hook("{layer}.attn.c_attn", "output", f"split{j}/3")
+                f"attn.{x}": Hook("{layer}.attn.c_attn", "output", Chunk(j, 3))
                 for j, x in enumerate("qkv")
             },
             "{layer}.attn",
@@ -265,7 +300,7 @@ GPT_NEOX = Arch(
         "resid_pre": Hook("{layer}", "input"),
         **_attention_sites(
             {
-                f"attn.{x}": Hook("{layer}.attention.query_key_value", "output", f"interleaved{j}/3")  # noqa: E501
+                f"attn.{x}": Hook("{layer}.attention.query_key_value", "output", Chunk(j, 3, "interleaved"))  # noqa: E501
                 for j, x in enumerate("qkv")
             },
             "{layer}.attention",

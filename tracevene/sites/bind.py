@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ArgumentTypeError, SiteError, closest
 from . import views
-from .arch import NO_HEAD, Arch, Hook, find_arch, unavailable
+from .arch import NO_HEAD, Arch, Chunk, Hook, HookIO, Point, find_arch, unavailable
 from .views import HEAD_DIM, Getter, Setter, View
 from .views import Ctx as Ctx  # re-exported: the runtime builds a Ctx per hook firing
 from .vocab import Site, display, parse, vocabulary
@@ -25,20 +24,26 @@ class Binding:
     Attributes:
         site: The parsed site.
         path: Module path of the hook.
-        io: ``"input"``, ``"output"`` or ``"pattern"``.
+        io: ``"input"``, ``"output"``, ``"pattern"``, or ``"hook"`` (a TransformerLens
+            hook point).
         order: Sort key of the site in forward order.
         get: ``get(hooked_rows, ctx) -> site tensor``.
         set: ``set(hooked_rows, new_site_tensor, ctx) -> new hooked tensor``.
-        captures: ``(path, io)`` pairs the view needs captured earlier in the forward.
+        captures: Hook points the view needs captured earlier in the forward.
     """
 
     site: Site
     path: str
-    io: str
-    order: tuple
+    io: HookIO | Literal["hook"]
+    order: tuple[int, ...]
     get: Getter
     set: Setter
-    captures: tuple[tuple[str, str], ...] = ()
+    captures: tuple[Point, ...] = ()
+
+    @property
+    def point(self) -> Point:
+        """The hook point this site is read and written at."""
+        return Point(self.path, self.io)
 
 
 def module_order(root: nn.Module) -> dict[str, tuple[int, int, int]]:
@@ -57,37 +62,73 @@ def module_order(root: nn.Module) -> dict[str, tuple[int, int, int]]:
 class SiteResolver(Protocol):
     """What engines and the runtime use of a resolver: one per wrapped model.
 
-    Attributes:
-        arch: The model's site table (its ``name`` is shown in messages), or ``None``
-            where there is none (module sites only).
-        modules: Module path -> module, for ``t.module(path)`` sites and hooks.
-        plain: The Hugging Face module to call without any hook (generation's plain
-            steps, a patching sweep's clean prefix), or ``None`` where there is none.
-        blocks: The blocks as the engine calls them, in forward order, so that a pass
-            may start at a later block (``runtime/skip.py``); ``None`` where the
-            engine does not call them itself or there is no site table.
-        n_layers: Blocks (``None`` without a site table); likewise ``n_heads``,
-            ``n_kv_heads``, ``d_model`` and ``d_head``.
+    Its sizes (``n_layers``, ``n_heads``, ``n_kv_heads``, ``d_model``, ``d_head``) are
+    ``None`` on a model without a site table.
     """
 
-    arch: Arch | None
-    modules: dict[str, nn.Module]
-    plain: nn.Module | None
-    blocks: nn.ModuleList | None
-    n_layers: int | None
-    n_heads: int | None
-    n_kv_heads: int | None
-    d_model: int | None
-    d_head: int | None
+    @property
+    def arch(self) -> Arch | None:
+        """The model's site table (its ``name`` is shown in messages), or ``None``."""
+        ...
+
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        """Module path -> module, for ``t.module(path)`` sites and hooks."""
+        ...
+
+    @property
+    def plain(self) -> nn.Module | None:
+        """The Hugging Face module to call without any hook, or ``None``.
+
+        Generation's plain steps and a patching sweep's clean prefix call it.
+        """
+        ...
+
+    @property
+    def blocks(self) -> nn.ModuleList | None:
+        """The blocks as the engine calls them, in forward order, or ``None``.
+
+        A pass may then start at a later block (``runtime/skip.py``); ``None`` where
+        the engine does not call them itself or there is no site table.
+        """
+        ...
+
+    @property
+    def n_layers(self) -> int | None:
+        """Blocks."""
+        ...
+
+    @property
+    def n_heads(self) -> int | None:
+        """Query heads per block."""
+        ...
+
+    @property
+    def n_kv_heads(self) -> int | None:
+        """Key-value heads per block."""
+        ...
+
+    @property
+    def d_model(self) -> int | None:
+        """Width of the residual stream."""
+        ...
+
+    @property
+    def d_head(self) -> int | None:
+        """Width of one head."""
+        ...
 
     def sites(self) -> list[str]:
         """Vocabulary sites this model offers, in forward order."""
+        ...
 
     def check(self, name: str) -> Site:
         """Parse and validate a site name (``iv.SiteError`` if it is not valid here)."""
+        ...
 
     def bind(self, name: str) -> Binding:
         """The ``Binding`` of a site name (validated, cached)."""
+        ...
 
 
 class Resolver:
@@ -102,22 +143,29 @@ class Resolver:
         self.arch: Arch | None = found[0] if found else None
         self.prefix = found[1] if found else ""
         self._cache: dict[str, Binding] = {}
-        config = getattr(module, "config", None)
-        self.blocks = None
-        if self.arch is not None:
-            self.blocks = self.modules[self.prefix + self.arch.layers]
-            self.n_layers = len(self.blocks)
-            self.n_heads = config.num_attention_heads
-            self.n_kv_heads = getattr(config, "num_key_value_heads", None) or self.n_heads
-            self.d_model = config.hidden_size
-            self.d_head = getattr(config, "head_dim", None) or self.d_model // self.n_heads
-        else:
-            self.n_layers = self.n_heads = self.n_kv_heads = self.d_model = self.d_head = None
+        self.n_layers: int | None = None
+        self.n_heads: int | None = None
+        self.n_kv_heads: int | None = None
+        self.d_model: int | None = None
+        self.d_head: int | None = None
+        self.blocks: nn.ModuleList | None = None
+        if self.arch is not None:  # find_arch found a Hugging Face config
+            self.blocks = cast(nn.ModuleList, self.modules[self.prefix + self.arch.layers])
+            self._sizes(module.config, self.blocks)
+
+    def _sizes(self, config: Any, layers: nn.Module) -> None:
+        """Layer, head and width counts from a Hugging Face config (any family's)."""
+        self.n_layers = len(cast(nn.ModuleList, layers))
+        n_heads: int = config.num_attention_heads
+        self.n_heads = n_heads
+        self.n_kv_heads = getattr(config, "num_key_value_heads", None) or n_heads
+        self.d_model = d_model = config.hidden_size
+        self.d_head = getattr(config, "head_dim", None) or d_model // n_heads
 
     # -- names ---------------------------------------------------------------
     def sites(self) -> list[str]:
         """Vocabulary sites this model offers, in forward order (``{h}``: any head)."""
-        return [] if self.arch is None else offered(self.check, self.n_layers)
+        return [] if self.n_layers is None else offered(self.check, self.n_layers)
 
     def check(self, name: str) -> Site:
         """Parse and validate a site name for this model (without binding hooks).
@@ -172,44 +220,50 @@ class Resolver:
 
     def _bind(self, site: Site) -> Binding:
         if site.kind == "module":
-            order = (*self._key(site.key, site.io), 0)
-            return Binding(site, site.key, site.io, order, *views.IDENT)
-        hook = self.arch.sites[table_key(site)]
+            order = (*self._key(site.key, site.module_io), 0)
+            return Binding(site, site.key, site.module_io, order, *views.IDENT)
+        hook = self._table().sites[table_key(site)]
         path = self._path(hook.path, site.layer)
         self._module(path)
         order_path, order_io = hook.order_as or (hook.path, hook.io)
         order = (*self._key(self._path(order_path, site.layer), order_io), hook.sub)
         get, put = self._view(hook, site)
-        captures = ()
+        captures: tuple[Point, ...] = ()
         if hook.view == "resid_mid":
-            captures = ((self._path("{layer}", site.layer), "input"),)
+            captures = (Point(self._path("{layer}", site.layer), "input"),)
         return Binding(site, path, hook.io, order, get, put, captures)
+
+    def _table(self) -> Arch:
+        """The site table (``check`` refused vocabulary sites on a model without one)."""
+        assert self.arch is not None, "check() runs before a vocabulary site is bound"
+        return self.arch
 
     def _path(self, template: str, layer: int | None) -> str:
         if template.startswith("^"):
             return template[1:]
-        layers = self.prefix + self.arch.layers
+        layers = self.prefix + self._table().layers
         return self.prefix + template if "{" not in template else template.format(
             layer=f"{layers}.{layer}", layer0=f"{layers}.0"
         )
 
-    def _key(self, path: str, io: str) -> tuple[int, int]:
+    def _key(self, path: str, io: HookIO) -> tuple[int, int]:
         pre, last, depth = self._order[path]
         return (2 * pre, depth) if io == "input" else (2 * last + 1, -depth)
 
     def _view(self, hook: Hook, site: Site) -> View:
         n = self.n_kv_heads if hook.heads == "kv" else self.n_heads
         dh = self.d_head
+        assert n is not None and dh is not None, "a model with a site table has its sizes"
         if hook.view == "head_out":
+            assert site.head is not None, "only attn.head[h].out has the head_out view"
             return _head_out(site.head, dh)
         if hook.view == "resid_mid":
-            view = views.resid_mid((self._path("{layer}", site.layer), "input"))
+            view = views.resid_mid(Point(self._path("{layer}", site.layer), "input"))
         elif hook.view == "heads":
             view = views.heads(n, dh)
-        elif hook.view.startswith(("split", "interleaved")):
-            part, parts = (int(v) for v in re.findall(r"\d+", hook.view))
-            make = views.heads if hook.view.startswith("split") else views.interleaved
-            view = make(n, dh, part, parts)
+        elif isinstance(hook.view, Chunk):
+            make = views.heads if hook.view.layout == "split" else views.interleaved
+            view = make(n, dh, hook.view.part, hook.view.parts)
         else:
             view = views.IDENT
         return head_of(view, site)
@@ -217,11 +271,12 @@ class Resolver:
 
 def _head_out(h: int, dh: int) -> View:
     """Head ``h``'s share of an output projection's output, from the projection's input."""
-    return views.head_out(
-        h,
-        lambda ctx: ctx.input[ctx.rows][..., h * dh : (h + 1) * dh],
-        lambda ctx: views.head_weight(ctx.module, h, dh),
-    )
+
+    def z(ctx: Ctx) -> Tensor:
+        assert ctx.input is not None, "an output hook's Ctx holds the module's input"
+        return ctx.input[ctx.rows][..., h * dh : (h + 1) * dh]
+
+    return views.head_out(h, z, lambda ctx: views.head_weight(ctx.module, h, dh))
 
 
 def table_key(site: Site) -> str:
@@ -230,7 +285,7 @@ def table_key(site: Site) -> str:
 
 
 def available_key(
-    resolver: Any, site: Site, where: str, arch: Arch, columns: Mapping[str, Any],
+    resolver: SiteResolver, site: Site, where: str, arch: Arch, columns: Mapping[str, Any],
     config: Any, engine: str = "",
 ) -> str:
     """The table key of ``site`` once its layer and head are in range and its family offers it.
@@ -248,7 +303,11 @@ def available_key(
     Raises:
         SiteError: Out of range, unavailable on this model, or not in the column.
     """
-    check_range(site, where, resolver.n_layers, resolver.n_heads, resolver.n_kv_heads)
+    n_layers, n_heads, n_kv_heads = resolver.n_layers, resolver.n_heads, resolver.n_kv_heads
+    assert n_layers is not None and n_heads is not None and n_kv_heads is not None, (
+        "a resolver with a site table has its sizes"
+    )
+    check_range(site, where, n_layers, n_heads, n_kv_heads)
     key = table_key(site)
     reason = unavailable(arch, key, config)
     if reason:
@@ -301,8 +360,9 @@ def first_tensor(x: Any) -> Tensor:
         return x
     if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
         return x[0]
-    if hasattr(x, "to_tuple"):
-        return first_tensor(x.to_tuple())
+    to_tuple = getattr(x, "to_tuple", None)
+    if to_tuple is not None:
+        return first_tensor(to_tuple())
     raise ArgumentTypeError(
         f"expected a tensor or a tuple starting with one, got {type(x).__name__}: a hooked "
         "module must return a tensor, a tuple whose first element is one, or a model output "

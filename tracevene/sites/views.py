@@ -110,7 +110,7 @@ def head_out(h: int, z: Callable[[Ctx], Tensor], w: Callable[[Ctx], Tensor]) -> 
 
 def head_weight(module: nn.Module, h: int, dh: int) -> Tensor:
     """Rows of an output projection that head ``h`` writes through, as ``[dh, d_out]``."""
-    w = module.weight
+    w = module.get_parameter("weight")
     if isinstance(module, nn.Linear):
         return w[:, h * dh : (h + 1) * dh].T
     return w[h * dh : (h + 1) * dh]  # transformers' Conv1D stores [d_in, d_out]

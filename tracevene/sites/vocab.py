@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from ..errors import SiteError, closest
 
@@ -58,14 +59,28 @@ class Site:
     """
 
     name: str
-    kind: str
+    kind: Literal["top", "layer", "module", "hook"]
     key: str
     layer: int | None = None
     head: int | None = None
-    io: str | None = None
+    io: Literal["input", "output"] | None = None
 
     def __str__(self) -> str:
         return display(self.name)
+
+    @property
+    def module_io(self) -> Literal["input", "output"]:
+        """``io`` of a module site.
+
+        Raises:
+            SiteError: The site is not a module site (it has no ``io``).
+        """
+        if self.io is None:
+            raise SiteError(
+                f"{display(self.name)} is not a module site, so it has no input or output "
+                "of its own; name a module site, module:{path}:input or :output."
+            )
+        return self.io
 
 
 def parse(name: str) -> Site:
@@ -84,7 +99,7 @@ def parse(name: str) -> Site:
         return Site(name, "layer", rest, layer)
     m = _MODULE_RE.fullmatch(name) if isinstance(name, str) else None
     if m:
-        return Site(name, "module", m.group(1), io=m.group(2))
+        return Site(name, "module", m.group(1), io="input" if m.group(2) == "input" else "output")
     m = _HOOK_RE.fullmatch(name) if isinstance(name, str) else None
     if m:
         return Site(name, "hook", m.group(1))
