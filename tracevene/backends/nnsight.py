@@ -40,6 +40,7 @@ from ..runtime.hooks import replace_first, tensor_kwarg
 from ..runtime.inputs import batch_size, concat, slice_output
 from ..runtime.interpret import Env
 from ..runtime.plan import Pass
+from ..sites.arch import Point, PointIO
 from ..sites.bind import first_tensor
 
 
@@ -78,7 +79,7 @@ class _Step:
     key: tuple
     path: str
     io: str
-    point: tuple[str, str] | None = None
+    point: Point | None = None
     keep: bool = False
 
 
@@ -86,17 +87,19 @@ def _steps(model: Any, p: Pass, state: PassRun) -> list[_Step]:
     """The worker's stops: the pass's module points, plus the inputs their outputs need."""
     resolver = model.resolver
 
-    def key(path: str, io: str) -> tuple:
-        return p.order.get((path, io)) or resolver.bind(f"module:{path}:{io}").order
+    def key(path: str, io: PointIO) -> tuple:
+        return p.order.get(Point(path, io)) or resolver.bind(f"module:{path}:{io}").order
 
-    steps: dict[tuple[str, str], _Step] = {}
-    for path, io in state.points:
+    steps: dict[Point, _Step] = {}
+    for point in state.points:
+        path, io = point
         if io == "pattern":
             continue
-        step = steps.setdefault((path, io), _Step(key(path, io), path, io))
-        step.point = (path, io)
+        step = steps.setdefault(point, _Step(key(path, io), path, io))
+        step.point = point
         if io == "output":
-            inp = steps.setdefault((path, "input"), _Step(_input_key(key, path), path, "input"))
+            inp = _Step(_input_key(key, path), path, "input")
+            inp = steps.setdefault(Point(path, "input"), inp)
             inp.keep = True
     return sorted(steps.values(), key=lambda s: s.key)
 
@@ -157,7 +160,7 @@ class _Lowering:
             key = tensor_kwarg(kwargs, step.path)
             x = kwargs[key]
         else:
-            key, x = None, None
+            return  # no input: nothing to fire, and a kept input reads as None
         if step.point is not None:
             new = self.fire(step.point, x, self.modules[step.path], None)
             if new is not None:
@@ -172,11 +175,12 @@ class _Lowering:
         envoy = self.wrapper.envoys[step.path]
         output = envoy.output
         module = self.modules[step.path]
+        assert step.point is not None, "_steps gives every output step its point"
         new = self.fire(step.point, first_tensor(output), module, self.inputs.get(step.path))
         if new is not None:
             envoy.output = replace_first(output, new)
 
-    def fire(self, point: tuple[str, str], x: Tensor, module: nn.Module, inp: Any) -> Any:
+    def fire(self, point: Point, x: Tensor, module: nn.Module, inp: Any) -> Any:
         """``PassRun.fire`` with the trace stood down.
 
         Program nodes that call the model's own submodules (a logit lens) then run
@@ -185,7 +189,7 @@ class _Lowering:
         with self.wrapper.stood_down():
             return self.state.fire(point, x, module, inp)
 
-    def pattern_hook(self, point: tuple[str, str], module: nn.Module) -> Any:
+    def pattern_hook(self, point: Point, module: nn.Module) -> Any:
         """The attention-probability callback for ``point`` (runs on the model side)."""
 
         def hook(weights: Tensor) -> Tensor:

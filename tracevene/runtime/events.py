@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..errors import ExecutionError
 from ..ir.program import run_name
+from ..sites.arch import Point
 from ..sites.bind import Binding, Ctx
 from ..sites.vocab import display
 from .interpret import Env
@@ -35,12 +36,12 @@ class PassRun:
         self.rows = {p.runs[0]: slice(None)} if len(sizes) == 1 else _rows(p.runs, sizes)
         self.bindings: dict[str, Binding] = p.bindings
         self.captures, self.points = p.captures, p.points
-        self.fired: set[tuple[str, str]] = set()
-        self.captured: dict[tuple[str, str], Tensor] = {}
+        self.fired: set[Point] = set()
+        self.captured: dict[Point, Tensor] = {}
         self.stop_early = 0 not in p.runs
         self.busy = False  # True while nodes run: module calls they make are not events
 
-    def fire(self, point: tuple[str, str], x: Tensor, module: nn.Module, inp: Any) -> Tensor | None:
+    def fire(self, point: Point, x: Tensor, module: nn.Module, inp: Any) -> Tensor | None:
         """Execute the events of one hook point; returns the new tensor if written."""
         if self.busy:  # a program node called a module of the model (a logit lens)
             return None
@@ -61,7 +62,7 @@ class PassRun:
             raise Stop
         return new
 
-    def _execute(self, point: tuple[str, str], x: Tensor, module: nn.Module, inp: Any):
+    def _execute(self, point: Point, x: Tensor, module: nn.Module, inp: Any):
         ctx = Ctx(module, inp, self.captured)
         changed = False
         for node in self.p.events.get(point, ()):

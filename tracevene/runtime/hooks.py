@@ -12,12 +12,13 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..errors import ExecutionError
+from ..sites.arch import Point
 from ..sites.bind import first_tensor
 from .attention import PATTERN_HOOKS
 from .events import PassRun
 
 
-def install(state: PassRun, point: tuple[str, str], module: nn.Module) -> Any:
+def install(state: PassRun, point: Point, module: nn.Module) -> Any:
     """Hook ``module`` for ``point`` of the pass ``state``; returns a handle to ``remove``."""
     path, io = point
     if io == "input":

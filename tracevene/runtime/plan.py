@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from ..errors import ScheduleError
 from ..ir.nodes import Node
 from ..ir.program import Program, run_name
+from ..sites.arch import Point
 from ..sites.bind import Binding
 from ..sites.vocab import display
 
@@ -38,11 +39,11 @@ class Pass:
     """
 
     runs: list[int]
-    events: dict[tuple[str, str], list[Node]] = field(default_factory=dict)
-    order: dict[tuple[str, str], tuple] = field(default_factory=dict)
+    events: dict[Point, list[Node]] = field(default_factory=dict)
+    order: dict[Point, tuple[int, ...]] = field(default_factory=dict)
     bindings: dict[str, Binding] = field(default_factory=dict)
-    captures: frozenset[tuple[str, str]] = frozenset()
-    points: frozenset[tuple[str, str]] = frozenset()
+    captures: frozenset[Point] = frozenset()
+    points: frozenset[Point] = frozenset()
 
     def seal(self) -> None:
         """Derive ``captures`` and ``points`` once the events and bindings are in place."""
@@ -272,10 +273,10 @@ def _late_message(read: Node, write: Node, whose: str) -> str:
 
 
 def _cycle_message(read: Node, write: Node) -> str:
+    src, dst = run_name(read.run_index), run_name(write.run_index)
     return (
-        f"runs {run_name(read.run_index)} and {run_name(write.run_index)} each need a later site of the "
-        f"other: {run_name(write.run_index)}.{display(write.key)} (line {write.loc}) is written "
-        f"from {run_name(read.run_index)}.{display(read.key)} (line {read.loc}), while "
-        f"{run_name(read.run_index)} also depends on {run_name(write.run_index)}. Split the program, or "
-        "feed one of them from an extra source run."
+        f"runs {src} and {dst} each need a later site of the other: "
+        f"{dst}.{display(write.key)} (line {write.loc}) is written from "
+        f"{src}.{display(read.key)} (line {read.loc}), while {src} also depends on "
+        f"{dst}. Split the program, or feed one of them from an extra source run."
     )

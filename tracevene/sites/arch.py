@@ -16,6 +16,8 @@ from torch import nn
 #: Where a hook reads and writes: the module's first input, its output, or the attention
 #: probabilities computed inside it.
 HookIO = Literal["input", "output", "pattern"]
+#: Which tensor of a hook point: a module's (``HookIO``), or a TransformerLens hook point's.
+PointIO = HookIO | Literal["hook"]
 #: How a site's tensor is cut from the hooked tensor, besides a ``Chunk`` (see ``Hook``).
 ViewKind = Literal["ident", "heads", "head_out", "resid_mid"]
 #: How a site is cut from a TransformerLens hook point's tensor (see ``Lens``).
@@ -31,7 +33,7 @@ class Point(NamedTuple):
     """
 
     path: str
-    io: HookIO | Literal["hook"]
+    io: PointIO
 
 
 @dataclass(frozen=True)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ArgumentTypeError, SiteError, closest
 from . import views
-from .arch import NO_HEAD, Arch, Chunk, Hook, HookIO, Point, find_arch, unavailable
+from .arch import NO_HEAD, Arch, Chunk, Hook, HookIO, Point, PointIO, find_arch, unavailable
 from .views import HEAD_DIM, Getter, Setter, View
 from .views import Ctx as Ctx  # re-exported: the runtime builds a Ctx per hook firing
 from .vocab import Site, display, parse, vocabulary
@@ -34,7 +34,7 @@ class Binding:
 
     site: Site
     path: str
-    io: HookIO | Literal["hook"]
+    io: PointIO
     order: tuple[int, ...]
     get: Getter
     set: Setter

@@ -13,6 +13,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .arch import Point
+
 #: Head axis of each per-head site in its vocabulary layout (``[B, P, H, Dh]``;
 #: ``[B, H, P, P]`` for attention probabilities).
 HEAD_DIM = {"attn.q": 2, "attn.k": 2, "attn.v": 2, "attn.z": 2, "attn.pattern": 1}
@@ -32,7 +34,7 @@ class Ctx:
 
     module: nn.Module
     input: Tensor | None = None
-    captured: dict[tuple[str, str], Tensor] = field(default_factory=dict)
+    captured: dict[Point, Tensor] = field(default_factory=dict)
     rows: slice = field(default_factory=lambda: slice(None))
     state: dict[Any, Tensor] = field(default_factory=dict)
 
@@ -116,7 +118,7 @@ def head_weight(module: nn.Module, h: int, dh: int) -> Tensor:
     return w[h * dh : (h + 1) * dh]  # transformers' Conv1D stores [d_in, d_out]
 
 
-def resid_mid(pre: tuple[str, str]) -> View:
+def resid_mid(pre: Point) -> View:
     """The residual after attention: the block's input (captured at ``pre``) plus this."""
 
     def get(out: Tensor, ctx: Ctx) -> Tensor:
