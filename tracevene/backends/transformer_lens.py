@@ -42,8 +42,9 @@ import copy
 import weakref
 from collections import Counter
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -65,10 +66,15 @@ from ..runtime.inputs import Call, batch_size, can_batch, concat, slice_output, 
 from ..runtime.interpret import Env
 from ..runtime.plan import Pass
 from ..sites import views
-from ..sites.arch import HOOKED_TRANSFORMER, NO_HEAD, Arch, find_arch
+from ..sites.arch import HOOKED_TRANSFORMER, NO_HEAD, Arch, Point, PointIO, find_arch
 from ..sites.bind import Binding, available_key, head_of, offered, table_key
 from ..sites.views import View
 from ..sites.vocab import Site, display, parse
+
+if TYPE_CHECKING:
+    from transformer_lens.hook_points import HookPoint
+
+    from ..model import Model
 
 ON_TL = " on the transformer_lens backend"
 
@@ -94,6 +100,65 @@ GATES = (
 _PRIVATE: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # bridges built by this backend
 
 
+class LensConfig(Protocol):
+    """What this backend reads of a TransformerLens config (bridge or HookedTransformer)."""
+
+    @property
+    def n_layers(self) -> int:
+        """Blocks."""
+        ...
+
+    @property
+    def n_heads(self) -> int:
+        """Query heads per block."""
+        ...
+
+    @property
+    def d_model(self) -> int:
+        """Width of the residual stream."""
+        ...
+
+    @property
+    def d_head(self) -> int:
+        """Width of one head."""
+        ...
+
+
+class LensEngine(Protocol):
+    """What this backend uses of a TransformerLens engine besides its ``nn.Module`` side.
+
+    A ``TransformerBridge`` (TransformerLens 3.9 and 4.x) or a ``HookedTransformer``
+    (3.x); ``blocks`` is typed loosely, as in TransformerLens's own ``model_protocol``.
+    """
+
+    @property
+    def cfg(self) -> LensConfig:
+        """The engine's config."""
+        ...
+
+    @property
+    def hook_dict(self) -> dict[str, HookPoint]:
+        """Hook name (TransformerLens's own or an alias) -> ``HookPoint``."""
+        ...
+
+    @property
+    def blocks(self) -> Any:
+        """The blocks (``blocks[i].attn``)."""
+        ...
+
+    def hooks(self, fwd_hooks: list[tuple[str, Callable[..., Any]]]) -> AbstractContextManager:
+        """A context in which ``fwd_hooks`` are attached to their hook points."""
+        ...
+
+    def to_tokens(self, text: str | list[str]) -> Tensor:
+        """Token ids of text, with the engine's own tokenizer."""
+        ...
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The forward pass."""
+        ...
+
+
 class LensBackend(Backend):
     """Runs programs through TransformerLens hook points (``hooks()`` / ``run_with_hooks``)."""
 
@@ -109,27 +174,42 @@ class LensBackend(Backend):
         """Binds site names to the engine's hook points."""
         return LensResolver(module)
 
-    def check_program(self, model: Any, program: Program) -> None:
+    def check_program(self, model: Model, program: Program) -> None:
         """Refuse writes to hook points this engine only lets us read."""
-        model.resolver.check_writes(program)
+        lens_resolver(model).check_writes(program)
 
     def to_call(
         self,
-        model: Any,
+        model: Model,
         inputs: Any,
         forward_kwargs: dict[str, Any],
         device: torch.device | None = None,
     ) -> Call:
         """Forward arguments of the engine (text goes through its tokenizer)."""
-        return model.resolver.to_call(model, inputs, forward_kwargs, device)
+        return lens_resolver(model).to_call(model, inputs, forward_kwargs, device)
 
-    def can_batch(self, model: Any, calls: list[Call]) -> bool:
+    def can_batch(self, model: Model, calls: list[Call]) -> bool:
         """Runs with inputs of one shape share a pass."""
         return can_batch(calls)
 
-    def run_pass(self, model: Any, p: Pass, calls: list, env: Env) -> Any:
+    def run_pass(self, model: Model, p: Pass, calls: list, env: Env) -> Any:
         """One forward call inside the engine's ``hooks()`` context."""
         return _run_pass(model, p, calls, env)
+
+
+def lens_resolver(model: Model) -> LensResolver:
+    """``model``'s resolver, which this backend made.
+
+    Raises:
+        BackendError: ``model`` was wrapped for another backend.
+    """
+    resolver = model.resolver
+    if not isinstance(resolver, LensResolver):
+        raise BackendError(
+            f"this model was wrapped for the {model.backend.name!r} backend, so the "
+            "transformer_lens backend cannot run it: use model.to_backend('transformer_lens')."
+        )
+    return resolver
 
 
 # -- engines ---------------------------------------------------------------------------
@@ -222,14 +302,15 @@ class LensResolver:
         if not is_lens(engine):
             raise BackendError(f"expected a TransformerLens model, got {type(engine).__name__}")
         self.engine = engine
+        self.lens = cast(LensEngine, engine)  # is_lens: a TransformerLens engine
         self.bridge = isinstance(engine, TransformerBridge)
-        hf = engine.original_model if self.bridge else None
+        hf = engine.original_model if isinstance(engine, TransformerBridge) else None
         self.hf_root = hf
         self.plain = hf if engine in _PRIVATE else None
         self.blocks = None
-        self.points = dict(engine.hook_dict)
+        self.points = dict(self.lens.hook_dict)
         self.modules = _module_paths(hf if hf is not None else engine)
-        cfg = engine.cfg
+        cfg = self.lens.cfg
         self.config = getattr(hf, "config", None) if self.bridge else cfg
         self.table, self.prefix = _table(engine, hf)
         self.vocab = bool(self.table.tl)
@@ -243,7 +324,7 @@ class LensResolver:
         name = f"{type(engine).__name__}" + (f" ({model_type})" if model_type else "")
         self.arch = replace(self.table, name=name)
         self._probed: tuple | None = None
-        self._order: dict[tuple[str, str], int] = {}
+        self._order: dict[Point, int] = {}
         self._counts: Counter = Counter()
         self._cache: dict[str, Binding] = {}
         self._read_only: dict[str, str] = {}
@@ -251,7 +332,7 @@ class LensResolver:
     # -- names ---------------------------------------------------------------------
     def sites(self) -> list[str]:
         """Vocabulary sites this model offers, in forward order (``{h}``: any head)."""
-        return offered(self.check, self.n_layers) if self.vocab else []
+        return offered(self.check, self.n_layers) if self.n_layers is not None else []
 
     def check(self, name: str) -> Site:
         """Parse and validate a site name for this model.
@@ -264,12 +345,12 @@ class LensResolver:
         if site.kind == "hook":
             self._hook(site.key)
         elif site.kind == "module":
-            self._module(site.key, site.io)
+            self._module(site.key, site.module_io)
         else:
             try:
                 self._hook_of(site)
             except SiteError:
-                if site.key != "attn.pattern" or self._eager_pattern(site.layer) is None:
+                if site.key != "attn.pattern" or self._eager_pattern(_layer(site)) is None:
                     raise
         return site
 
@@ -284,12 +365,10 @@ class LensResolver:
         """Refuse, before anything runs, writes to sites this engine only lets us read."""
         for node in program.nodes:
             if node.op == "write":
-                self.bind(node.target)
-                reason = self._read_only.get(node.target)
+                self.bind(node.key)
+                reason = self._read_only.get(node.key)
                 if reason:
-                    raise SiteError(
-                        f"line {node.loc}: cannot write {display(node.target)}: {reason}."
-                    )
+                    raise SiteError(f"line {node.loc}: cannot write {display(node.key)}: {reason}.")
 
     # -- hook points and modules ---------------------------------------------------
     def _hook(self, name: str) -> str:
@@ -307,17 +386,17 @@ class LensResolver:
                     f"does not change model settings: call model.module.set_{flag}(True) "
                     f"first{hint}."
                 )
-        self._runs_once((canonical, "hook"), f"hook({name!r})")
+        self._runs_once(Point(canonical, "hook"), f"hook({name!r})")
         return canonical
 
-    def _module(self, path: str, io: str) -> nn.Module:
+    def _module(self, path: str, io: PointIO) -> nn.Module:
         if path not in self.modules:
             near = ", ".join(repr(p) for p in closest(path, [n for n in self.modules if n]))
             raise SiteError(f"no module {path!r} in this model; closest paths: {near}.")
-        self._runs_once((path, io), f"module({path!r}).{io}")
+        self._runs_once(Point(path, io), f"module({path!r}).{io}")
         return self.modules[path]
 
-    def _runs_once(self, point: tuple[str, str], what: str) -> None:
+    def _runs_once(self, point: Point, what: str) -> None:
         n = self._counts[point]
         if n == 0:
             raise SiteError(
@@ -344,7 +423,7 @@ class LensResolver:
         names = [n.format(i=site.layer) for n in self.table.tl[key].names]
         self._refresh()
         for n in names:
-            if n in self.points and self._counts[(self.points[n].name or n, "hook")]:
+            if n in self.points and self._counts[Point(self.points[n].name or n, "hook")]:
                 return self._hook(n)
         reason = NO_HEAD if key == "logits" else f"none of its hook points ({', '.join(names)}) run"
         raise SiteError(f"{where} is not available on this {self.arch.name}: {reason}.")
@@ -352,11 +431,12 @@ class LensResolver:
     # -- binding ---------------------------------------------------------------------
     def _bind(self, site: Site) -> Binding:
         if site.kind == "module":
-            point = (site.key, site.io)
-            return Binding(site, site.key, site.io, (self._order[point], 0), *views.IDENT)
+            point = Point(site.key, site.module_io)
+            return Binding(site, site.key, point.io, (self._order[point], 0), *views.IDENT)
         if site.kind == "hook":
             name = self._hook(site.key)
-            return Binding(site, name, "hook", (self._order[(name, "hook")], 0), *views.IDENT)
+            order = (self._order[Point(name, "hook")], 0)
+            return Binding(site, name, "hook", order, *views.IDENT)
         try:
             name = self._hook_of(site)
         except SiteError:  # hook_pattern does not run (an SDPA kernel): the eager route
@@ -364,17 +444,18 @@ class LensResolver:
             if binding is None:
                 raise
             return binding
-        order = (self._order[(name, "hook")], 0)
+        order = (self._order[Point(name, "hook")], 0)
         view = self.table.tl[table_key(site)].view
         if view == "head_out":
-            z = (self._hook(f"blocks.{site.layer}.attn.hook_z"), "hook")
-            get, put = _head_out(site.head, z, self._w_o(site.layer))
+            assert site.head is not None, "only attn.head[h].out has the head_out view"
+            z = Point(self._hook(f"blocks.{site.layer}.attn.hook_z"), "hook")
+            get, put = _head_out(site.head, z, self._w_o(_layer(site)))
             return Binding(site, name, "hook", order, get, put, (z,))
         if view == "resid_mid":
-            pre = (self._hook(f"blocks.{site.layer}.hook_resid_pre"), "hook")
+            pre = Point(self._hook(f"blocks.{site.layer}.hook_resid_pre"), "hook")
             return Binding(site, name, "hook", order, *views.resid_mid(pre), (pre,))
         get, put = head_of(views.IDENT, site)
-        if site.key == "attn.pattern" and not self._pattern_live(site.layer, name):
+        if site.key == "attn.pattern" and not self._pattern_live(_layer(site), name):
             binding = self._eager_pattern_binding(site)
             if binding is not None:
                 return binding
@@ -387,18 +468,18 @@ class LensResolver:
 
     def _eager_pattern_binding(self, site: Site) -> Binding | None:
         """Attention probabilities inside the HF attention, just before the weighted values."""
-        path = self._eager_pattern(site.layer)
+        path = self._eager_pattern(_layer(site))
         if path is None:
             return None
         get, put = head_of(views.IDENT, site)
         z = self._hook(f"blocks.{site.layer}.attn.hook_z")
-        return Binding(site, path, "pattern", (self._order[(z, "hook")], -1), get, put)
+        return Binding(site, path, "pattern", (self._order[Point(z, "hook")], -1), get, put)
 
     def _pattern_live(self, layer: int, name: str) -> bool:
         """Whether ``hook_pattern`` fires before the weighted values (so writes count)."""
         z = self.points.get(f"blocks.{layer}.attn.hook_z")
-        z_at = self._order.get((z.name, "hook")) if z is not None else None
-        return z_at is not None and self._order[(name, "hook")] < z_at
+        z_at = self._order.get(Point(z.name, "hook")) if z is not None and z.name else None
+        return z_at is not None and self._order[Point(name, "hook")] < z_at
 
     def _eager_pattern(self, layer: int) -> str | None:
         """The HF module whose attention probabilities the eager route exposes.
@@ -410,7 +491,7 @@ class LensResolver:
         if hook is None or hook.io != "pattern":
             return None
         path = hook.path.format(layer=f"{self.prefix}{self.table.layers}.{layer}")
-        if path not in self.modules or not self._counts[(path, "input")]:
+        if path not in self.modules or not self._counts[Point(path, "input")]:
             return None
         return path
 
@@ -420,17 +501,20 @@ class LensResolver:
         TransformerLens's own ``attn.W_O`` where the engine has it (both engines in
         3.9 and 4.x), else the output projection's weight.
         """
-        attn = self.engine.blocks[layer].attn
-        h, dh = self.n_heads, self.d_head
+        attn = self.lens.blocks[layer].attn
+        cfg = self.lens.cfg
+        h, dh = cfg.n_heads, cfg.d_head
         with contextlib.suppress(Exception):
-            if tuple(attn.W_O.shape) == (h, dh, self.d_model):
+            if tuple(attn.W_O.shape) == (h, dh, cfg.d_model):
                 return lambda: attn.W_O
         o = getattr(attn, "o", None)
         o = getattr(o, "original_component", None) or o
         if isinstance(o, nn.Linear):
-            return lambda: o.weight.T.reshape(h, dh, -1)
-        if type(o).__name__ == "Conv1D":  # transformers' Conv1D stores [d_in, d_out]
-            return lambda: o.weight.reshape(h, dh, -1)
+            linear = o
+            return lambda: linear.weight.T.reshape(h, dh, -1)
+        if o is not None and type(o).__name__ == "Conv1D":  # stores [d_in, d_out]
+            conv = o
+            return lambda: conv.weight.reshape(h, dh, -1)
         raise SiteError(
             f"layer[{layer}].attn.head[h].out is not available on this {self.arch.name}: "
             "TransformerLens gives no W_O for its attention."
@@ -451,27 +535,29 @@ class LensResolver:
             self._cache.clear()
             self._read_only.clear()
 
-    def _probe(self) -> tuple[dict[tuple[str, str], int], Counter]:
+    def _probe(self) -> tuple[dict[Point, int], Counter[Point]]:
         """Run two tokens through the engine, noting when every hook point and module runs."""
-        order: dict[tuple[str, str], int] = {}
-        counts: Counter = Counter()
+        order: dict[Point, int] = {}
+        counts: Counter[Point] = Counter()
 
-        def note(point: tuple[str, str]) -> None:
-            counts[point] += 1
-            order.setdefault(point, len(order))
+        def note(point: Point) -> Callable[..., None]:
+            def hook(*_: Any) -> None:
+                counts[point] += 1
+                order.setdefault(point, len(order))
+
+            return hook
 
         handles = []
         try:
             for name, hp in {hp.name or n: hp for n, hp in self.points.items()}.items():
-                handles.append(hp.register_forward_hook(lambda m, i, o, p=(name, "hook"): note(p)))
+                handles.append(hp.register_forward_hook(note(Point(name, "hook"))))
             for path, mod in self.modules.items():
-                pre, post = (path, "input"), (path, "output")
-                handles.append(mod.register_forward_pre_hook(lambda m, i, p=pre: note(p)))
-                handles.append(mod.register_forward_hook(lambda m, i, o, p=post: note(p)))
+                handles.append(mod.register_forward_pre_hook(note(Point(path, "input"))))
+                handles.append(mod.register_forward_hook(note(Point(path, "output"))))
             ids = torch.zeros((1, 2), dtype=torch.long, device=_device(self.engine))
             kwargs = {"use_cache": False} if self.bridge else {}
             with torch.no_grad():
-                self.engine(ids, **kwargs)
+                self.lens(ids, **kwargs)
         except Exception as e:
             raise BackendError(
                 f"could not run a probe forward pass (two tokens) on this "
@@ -485,7 +571,7 @@ class LensResolver:
     # -- inputs ------------------------------------------------------------------------
     def to_call(
         self,
-        model: Any,
+        model: Model,
         inputs: Any,
         forward_kwargs: Mapping[str, Any],
         device: torch.device | None = None,
@@ -520,18 +606,18 @@ class LensResolver:
         device = model.device if device is None else device
         to = lambda v: v.to(device) if isinstance(v, Tensor) else v  # noqa: E731
         args, kwargs = tuple(to(a) for a in args), {k: to(v) for k, v in kwargs.items()}
-        if self.bridge and isinstance(args[0], Tensor) and args[0].dim() == 2:
+        hf = self.hf_root  # a bridge's (None on a HookedTransformer)
+        if hf is not None and isinstance(args[0], Tensor) and args[0].dim() == 2:
             # the bridge hands keyword arguments on to the Hugging Face model
-            hf = self.hf_root
             hf = getattr(hf, hf.attr) if isinstance(hf, _BaseModel) else hf
             kwargs = with_position_ids(hf, kwargs, args[0].shape[1])
         return args, kwargs
 
-    def _tokenize(self, model: Any, text: str | list[str]) -> Any:
+    def _tokenize(self, model: Model, text: str | list[str]) -> Any:
         if model.tokenizer is not None:
             return dict(model.tokenizer(text, return_tensors="pt", padding=True))
         if getattr(self.engine, "tokenizer", None) is not None:
-            return self.engine.to_tokens(text)
+            return self.lens.to_tokens(text)
         raise ArgumentError(
             "text inputs need a tokenizer: iv.wrap(model, tokenizer=tok), or pass token ids "
             "(a LongTensor [batch, pos])."
@@ -575,14 +661,20 @@ def _table(engine: nn.Module, hf: nn.Module | None) -> tuple[Arch, str]:
     return Arch(type(engine).__name__, (), "", "", {}), ""
 
 
-def _head_out(h: int, z: tuple[str, str], w_o: Callable[[], Tensor]) -> View:
+def _layer(site: Site) -> int:
+    """The layer of a per-layer vocabulary site."""
+    assert site.layer is not None, "a per-layer site names its layer"
+    return site.layer
+
+
+def _head_out(h: int, z: Point, w_o: Callable[[], Tensor]) -> View:
     """Head ``h``'s share of the attention output, from ``hook_z`` (captured) and ``W_O``."""
     return views.head_out(h, lambda ctx: ctx.captured[z][ctx.rows][..., h, :], lambda ctx: w_o()[h])
 
 
 # -- running one pass --------------------------------------------------------------------
-def _run_pass(model: Any, p: Pass, calls: list[Call], env: Env) -> Any:
-    resolver: LensResolver = model.resolver
+def _run_pass(model: Model, p: Pass, calls: list[Call], env: Env) -> Any:
+    resolver = lens_resolver(model)
     state = PassRun(model, p, env, [batch_size(c) for c in calls])
     args, kwargs = concat(calls)
     fwd_hooks, handles, raw = [], [], {}
@@ -593,14 +685,15 @@ def _run_pass(model: Any, p: Pass, calls: list[Call], env: Env) -> Any:
                 fwd_hooks.append((path, _lens_hook(state, point)))
             else:
                 handles.append(install(state, point, resolver.modules[path]))
-        if resolver.plain is not None:
+        plain = resolver.plain
+        if plain is not None:
             capture = lambda m, a, out: raw.__setitem__("out", out)  # noqa: E731
-            handles.append(resolver.plain.register_forward_hook(capture))
+            handles.append(plain.register_forward_hook(capture))
         eager = any(io == "pattern" for _, io in state.points)
         try:
             with pattern_attention(resolver.hf_root, eager):
-                with resolver.engine.hooks(fwd_hooks=fwd_hooks):
-                    logits = resolver.engine(*args, **kwargs)
+                with resolver.lens.hooks(fwd_hooks=fwd_hooks):
+                    logits = resolver.lens(*args, **kwargs)
         except Stop:
             logits = None
     finally:
@@ -614,7 +707,7 @@ def _run_pass(model: Any, p: Pass, calls: list[Call], env: Env) -> Any:
     return output
 
 
-def _lens_hook(state: PassRun, point: tuple[str, str]) -> Callable:
+def _lens_hook(state: PassRun, point: Point) -> Callable:
     def hook(x: Tensor, hook: Any) -> Tensor | None:
         return state.fire(point, x, hook, None)
 

@@ -19,7 +19,7 @@ from torch.nn.utils.parametrize import cached
 from ..errors import ArgumentError, BackendError, closest
 from ..ir.program import Program
 from ..result import Result
-from ..sites.bind import Resolver
+from ..sites.bind import Resolver, SiteResolver
 from .cache import SourceCache, cacheable, compact, handed_on, pass_key
 from .inputs import Call, can_batch, check_padding, to_call
 from .interpret import Env
@@ -59,7 +59,7 @@ class Backend(ABC):
         """The module this backend runs (the caller's, or a private copy)."""
         return module
 
-    def make_resolver(self, module: nn.Module) -> Resolver:
+    def make_resolver(self, module: nn.Module) -> SiteResolver:
         """The object that binds site names to this backend's hook points."""
         return Resolver(module)
 
