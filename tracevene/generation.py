@@ -361,8 +361,10 @@ def _run_plain(model: Model, kwargs: dict[str, Any]) -> Any:
 
     Holding the lock keeps other threads' runs (and their hooks) off the model meanwhile.
     """
+    plain = model.resolver.plain
+    assert plain is not None, "_check_model refuses a model without a plain forward"
     with module_lock(model.module):
-        return model.resolver.plain(**kwargs)
+        return plain(**kwargs)
 
 
 def _next_token(logits: Tensor, pick: Sampler, done: Tensor, eos_token_id: int | None) -> Tensor:

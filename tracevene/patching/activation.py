@@ -51,7 +51,7 @@ from ..runtime.skip import Starts
 from ..tracing.tracer import trace
 from .outputs import scored
 from .result import PatchResult
-from .runner import repeat, score_each
+from .runner import repeat, score_each, sizes
 
 Metric = Callable[[Any], Tensor]
 DIRECTIONS = ("denoise", "noise")
@@ -126,8 +126,9 @@ def activation_patching(
     _check(site, heads, direction, positions, experiments_per_pass)
     clean, corrupted = paired_inputs(model, clean, corrupted)
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
-    n_heads = model.n_kv_heads if heads and site in ("k", "v") else model.n_heads
-    keys = _cells(model.n_layers, n_heads if heads else 0)
+    n_layers, n_heads, n_kv_heads = sizes(model, "activation_patching")
+    n_heads = n_kv_heads if heads and site in ("k", "v") else n_heads
+    keys = _cells(n_layers, n_heads if heads else 0)
     values = _read_all(model, source, keys, site)  # also checks the site names
     axis = _pos_axis(site, heads)
     n_pos = next(iter(values.values())).shape[axis]
@@ -141,7 +142,7 @@ def activation_patching(
     for chunk in tqdm(chunks, desc=f"patching {site}", disable=not progress):
         todo = [cells[i] for i in chunk]
         out[chunk] = _run_chunk(model, base, todo, (site, axis), values, metric, unpatched)
-    return _result(out, model.n_layers, n_heads if heads else 0, n_pos, site, direction,
+    return _result(out, n_layers, n_heads if heads else 0, n_pos, site, direction,
                    _axes(site, positions))  # fmt: skip
 
 
@@ -440,7 +441,8 @@ def _generates(model: Model) -> bool:
     hf = model.resolver.plain
     if hf is None or model.resolver.arch is None:
         return False
-    return callable(getattr(hf, "can_generate", None)) and bool(hf.can_generate())
+    can_generate = getattr(hf, "can_generate", None)
+    return callable(can_generate) and bool(can_generate())
 
 
 def _detach(x: Any) -> Any:

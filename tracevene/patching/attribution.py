@@ -29,6 +29,7 @@ from ..tracing.tracer import trace
 from .activation import DIRECTIONS, Metric, input_shape, paired_inputs
 from .outputs import scored
 from .result import PatchResult
+from .runner import sizes
 
 LAYER_SITES = ("resid_pre", "resid_mid", "resid_post", "attn.out", "mlp.out")
 HEAD_SITES = ("z", "q", "k", "v")
@@ -86,11 +87,7 @@ def attribution_patching(
     names = _check_sites(sites)
     if direction not in DIRECTIONS:
         raise ArgumentError(f"direction={direction!r}: choose 'denoise' or 'noise'")
-    if model.n_layers is None:
-        raise ArgumentError(
-            "attribution_patching needs a model with a site table (a supported Hugging "
-            f"Face family or a TransformerLens model), got {model!r}"
-        )
+    n_layers = sizes(model, "attribution_patching").n_layers
     clean, corrupted = paired_inputs(model, clean, corrupted)
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     n_pos = _n_pos(base, source)
@@ -98,7 +95,7 @@ def attribution_patching(
         alphas = {name: _alphas(model, name, n_pos) for name in names}
         value = _scalar(metric(_run(model, base, source, alphas)))
         grads = torch.autograd.grad(value, [a for per_site in alphas.values() for a in per_site])
-    return _results(names, grads, model.n_layers, direction)
+    return _results(names, grads, n_layers, direction)
 
 
 def _check_sites(sites: str | Iterable[str]) -> list[str]:
@@ -132,13 +129,11 @@ def _n_pos(base: Any, source: Any) -> int:
 
 def _alphas(model: Model, site: str, n_pos: int) -> list[Tensor]:
     """One zero coefficient tensor per layer: ``[pos, 1]``, or ``[pos, heads, 1]``."""
+    n_layers, n_heads, n_kv_heads = sizes(model, "attribution_patching")
     shape: tuple[int, ...] = (n_pos, 1)
     if site in HEAD_SITES:
-        heads = model.n_kv_heads if site in ("k", "v") else model.n_heads
-        shape = (n_pos, heads, 1)
-    return [
-        torch.zeros(shape, device=model.device, requires_grad=True) for _ in range(model.n_layers)
-    ]
+        shape = (n_pos, n_kv_heads if site in ("k", "v") else n_heads, 1)
+    return [torch.zeros(shape, device=model.device, requires_grad=True) for _ in range(n_layers)]
 
 
 def _run(model: Model, base: Any, source: Any, alphas: Mapping[str, list[Tensor]]) -> Any:

@@ -18,6 +18,7 @@ from ..errors import ArgumentError
 from ..metrics import logits_of
 from ..model import Model, as_model
 from ..tracing.tracer import trace
+from .runner import sizes
 
 HeadKey = tuple[int, int]
 
@@ -39,7 +40,7 @@ def head_means(
     model = as_model(model)
     groups = _groups(groups, reference.shape[0], "reference")
     with trace(model) as t:
-        saved = [t.layer[i].attn.z.save() for i in range(model.n_layers)]
+        saved = [t.layer[i].attn.z.save() for i in range(sizes(model, "head_means").n_layers)]
     with torch.no_grad():
         result = t.program.run(model, reference)
     n_groups = int(groups.max()) + 1
@@ -92,11 +93,12 @@ def run_circuit(
             f"input group {missing[0]} has no reference prompts to average over; give every "
             "input group at least one reference prompt (groups=(input_groups, reference_groups))"
         )
+    n_heads = sizes(model, "run_circuit").n_heads
     with trace(model) as t:
         for layer, mean in enumerate(means):
             value = mean[rows]  # [batch, pos, head, d_head]
-            ablated = [h for h in range(model.n_heads) if (layer, h) not in keep]
-            if len(ablated) == model.n_heads:
+            ablated = [h for h in range(n_heads) if (layer, h) not in keep]
+            if len(ablated) == n_heads:
                 t.layer[layer].attn.z = value
             else:
                 for h in ablated:
@@ -107,11 +109,12 @@ def run_circuit(
 
 def _keep(model: Model, keep: Iterable[HeadKey]) -> set[HeadKey]:
     keep = {(int(layer), int(head)) for layer, head in keep}
+    n_layers, n_heads, _ = sizes(model, "run_circuit")
     for layer, head in keep:
-        if not (0 <= layer < model.n_layers and 0 <= head < model.n_heads):
+        if not (0 <= layer < n_layers and 0 <= head < n_heads):
             raise ArgumentError(
-                f"head ({layer}, {head}) is not in the model: layers 0..{model.n_layers - 1}, "
-                f"heads 0..{model.n_heads - 1}"
+                f"head ({layer}, {head}) is not in the model: layers 0..{n_layers - 1}, "
+                f"heads 0..{n_heads - 1}"
             )
     return keep
 

@@ -29,7 +29,7 @@ from ..tracing.tracer import trace
 from .activation import Metric, input_shape, paired_inputs
 from .outputs import scored
 from .result import PatchResult
-from .runner import check_per_pass, repeat, run_stacked
+from .runner import check_per_pass, repeat, run_stacked, sizes
 from .runner import rows as rows_of
 
 Position = int | Tensor | None
@@ -179,8 +179,9 @@ def _sender_sets(model: Model, senders: Any) -> tuple[list[list[Node]], tuple, t
                 f"senders={senders!r}: give 'heads' (every head alone) or a list of sender "
                 "sets such as [Head(0, 1), [Head(1, 0), Mlp(1)]]"
             )
-        sets = [[Head(lay, h)] for lay in range(model.n_layers) for h in range(model.n_heads)]
-        return sets, (model.n_layers, model.n_heads), ("layer", "head")
+        n_layers, n_heads, _ = sizes(model, "path_patching")
+        sets: list[list[Node]] = [[Head(lay, h)] for lay in range(n_layers) for h in range(n_heads)]
+        return sets, (n_layers, n_heads), ("layer", "head")
     sets = [_nodes(model, s, "sender") for s in senders]
     if not sets:
         raise ArgumentError("senders is empty: give 'heads' or at least one sender set")
@@ -207,17 +208,18 @@ def _receivers(model: Model, receivers: Any) -> list[Node]:
 
 def _nodes(model: Model, nodes: Any, role: str) -> list[Node]:
     nodes = [nodes] if isinstance(nodes, Head | Mlp | Resid) else list(nodes)
+    n_layers, n_heads, _ = sizes(model, "path_patching")
     for node in nodes:
         if not isinstance(node, Head | Mlp | Resid):
             raise ArgumentTypeError(
                 f"a {role} must be a Head(layer, head), an Mlp(layer) or a Resid(layer); got "
                 f"{type(node).__name__} {node!r}"
             )
-        if not 0 <= node.layer < model.n_layers:
-            raise ArgumentError(f"{role} {node!r}: layer must be in 0..{model.n_layers - 1}")
+        if not 0 <= node.layer < n_layers:
+            raise ArgumentError(f"{role} {node!r}: layer must be in 0..{n_layers - 1}")
         if isinstance(node, Head):
-            if not 0 <= node.head < model.n_heads:
-                raise ArgumentError(f"{role} {node!r}: head must be in 0..{model.n_heads - 1}")
+            if not 0 <= node.head < n_heads:
+                raise ArgumentError(f"{role} {node!r}: head must be in 0..{n_heads - 1}")
             if node.input not in (None, *INPUTS):
                 raise ArgumentError(
                     f"{role} {node!r}: input must be 'q', 'k', 'v' or None (all three)"
@@ -240,11 +242,12 @@ def _batch(inputs: Any) -> int:
 
 def _components(model: Model, inputs: Any) -> dict[str, list[Tensor]]:
     """Every layer's per-head ``z``, MLP output and residual input on ``inputs``."""
+    layers = range(sizes(model, "path_patching").n_layers)
     with trace(model) as t:
         saved = {
-            "z": [t.layer[i].attn.z.save() for i in range(model.n_layers)],
-            "mlp": [t.layer[i].mlp.out.save() for i in range(model.n_layers)],
-            "resid": [t.layer[i].resid_pre.save() for i in range(model.n_layers)],
+            "z": [t.layer[i].attn.z.save() for i in layers],
+            "mlp": [t.layer[i].mlp.out.save() for i in layers],
+            "resid": [t.layer[i].resid_pre.save() for i in layers],
         }
     with torch.no_grad():
         result = t.program.run(model, inputs)
@@ -267,12 +270,11 @@ def _frozen(
     orig, new = caches
     n = len(chunk)
     batch = orig["z"][0].shape[0]
-    writes = _Writes([orig["z"][i].repeat(n, 1, 1, 1) for i in range(model.n_layers)], {}, [])
+    layers = range(sizes(model, "path_patching").n_layers)
+    writes = _Writes([orig["z"][i].repeat(n, 1, 1, 1) for i in layers], {}, [])
     if freeze_mlps:
         skip = {node.layer for node in targets if isinstance(node, Mlp)}
-        writes.mlp = {
-            i: orig["mlp"][i].repeat(n, 1, 1) for i in range(model.n_layers) if i not in skip
-        }
+        writes.mlp = {i: orig["mlp"][i].repeat(n, 1, 1) for i in layers if i not in skip}
     for e, nodes in enumerate(chunk):
         for node in nodes:
             rows, pos = _index(e, batch, node.pos)
@@ -379,5 +381,5 @@ def _positions(pos: Position, batch: int) -> Any:
     return pos
 
 
-def _pos_repr(pos: Position) -> str:
+def _pos_repr(pos: int | Tensor) -> str:
     return str(pos) if isinstance(pos, int) else f"tensor{tuple(pos.shape)}"

@@ -11,7 +11,7 @@ up to its caller.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import torch
 from jaxtyping import Float, Int
@@ -20,6 +20,9 @@ from tqdm.auto import tqdm
 
 from ..errors import ArgumentError, ArgumentTypeError
 from .outputs import experiment
+
+if TYPE_CHECKING:
+    from ..model import Model
 
 E = TypeVar("E")
 Metric = Callable[[Any], Tensor]
@@ -94,3 +97,26 @@ def repeat(inputs: Any, n: int) -> Any:
         f"patching takes token ids (a tensor [batch, pos]), a dict of tensors, or text "
         f"(str / list[str], with a tokenizer), got {type(inputs).__name__}"
     )
+
+
+class Sizes(NamedTuple):
+    """Layer and head counts of a model with a site table."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+
+
+def sizes(model: Model, what: str) -> Sizes:
+    """The layer and head counts ``what`` sweeps over.
+
+    Raises:
+        ArgumentError: The model has no site table (no layers or heads to sweep).
+    """
+    n_layers, n_heads, n_kv_heads = model.n_layers, model.n_heads, model.n_kv_heads
+    if n_layers is None or n_heads is None or n_kv_heads is None:
+        raise ArgumentError(
+            f"{what} needs a model with a site table (a supported Hugging "
+            f"Face family or a TransformerLens model), got {model!r}"
+        )
+    return Sizes(n_layers, n_heads, n_kv_heads)

@@ -218,7 +218,8 @@ def head_scores(model: Any, ds: Dataset, batch_size: int = 64) -> tuple[Tensor, 
         patterns = [result[s] for s in saves]
         prev.append(torch.stack([previous_token_scores(p) for p in patterns]) * len(part))
         ind.append(torch.stack([induction_scores(p, part) for p in patterns]) * len(part))
-    return sum(prev).cpu() / len(ds), sum(ind).cpu() / len(ds)
+    total_prev, total_ind = sum(prev[1:], prev[0]), sum(ind[1:], ind[0])  # in batch order
+    return total_prev.cpu() / len(ds), total_ind.cpu() / len(ds)
 
 
 def _slice(ds: Dataset, lo: int, hi: int) -> Dataset:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import SiteError, TraceError, closest
-from ..ir.nodes import Node, Ref
+from ..ir.nodes import Node, Op, Ref
 from ..ir.program import Program
 from ..sites.vocab import ATTN_SITES, LAYER_SITES, MLP_SITES, TOP_SITES, check_child
 from .values import Alias, Saved, Value, _find_tracer
@@ -61,7 +61,7 @@ class Tracer:
         self.closed = False
 
     # -- recording -------------------------------------------------------------
-    def add(self, op: str, target: str | None, run: int | None, args: tuple = (),
+    def add(self, op: Op, target: str | None, run: int | None, args: tuple = (),
             kwargs: dict | None = None) -> int:  # fmt: skip
         """Record a node and return its id."""
         if self.closed:
@@ -75,7 +75,7 @@ class Tracer:
         self.nodes.append(node)
         return node.id
 
-    def value(self, op: str, target: str | None, args: tuple = (), kwargs: dict | None = None):
+    def value(self, op: Op, target: str | None, args: tuple = (), kwargs: dict | None = None):
         """Record a node and return a ``Value`` for its result."""
         return Value(self, self.add(op, target, None, args, kwargs))
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -11,6 +12,10 @@ from ..ir.nodes import check_method, function_name, resolve_function
 
 if TYPE_CHECKING:
     from .tracer import Tracer
+
+#: The type of an operator method of ``Value`` (set on the class by the loops below it).
+_Binary = Callable[["Value", Any], "Value"]
+_Unary = Callable[["Value"], "Value"]
 
 _CONTROL_FLOW = (
     "a traced value has no value while the with-block records the program, so Python "
@@ -36,6 +41,56 @@ class Value:
     """
 
     __slots__ = ("_tracer", "_node")
+    if TYPE_CHECKING:  # the operators the loops below set, for type checkers
+        __add__: ClassVar[_Binary]
+        __radd__: ClassVar[_Binary]
+        __iadd__: ClassVar[_Binary]
+        __sub__: ClassVar[_Binary]
+        __rsub__: ClassVar[_Binary]
+        __isub__: ClassVar[_Binary]
+        __mul__: ClassVar[_Binary]
+        __rmul__: ClassVar[_Binary]
+        __imul__: ClassVar[_Binary]
+        __truediv__: ClassVar[_Binary]
+        __rtruediv__: ClassVar[_Binary]
+        __itruediv__: ClassVar[_Binary]
+        __floordiv__: ClassVar[_Binary]
+        __rfloordiv__: ClassVar[_Binary]
+        __ifloordiv__: ClassVar[_Binary]
+        __mod__: ClassVar[_Binary]
+        __rmod__: ClassVar[_Binary]
+        __imod__: ClassVar[_Binary]
+        __pow__: ClassVar[_Binary]
+        __rpow__: ClassVar[_Binary]
+        __ipow__: ClassVar[_Binary]
+        __matmul__: ClassVar[_Binary]
+        __rmatmul__: ClassVar[_Binary]
+        __imatmul__: ClassVar[_Binary]
+        __and__: ClassVar[_Binary]
+        __rand__: ClassVar[_Binary]
+        __iand__: ClassVar[_Binary]
+        __or__: ClassVar[_Binary]
+        __ror__: ClassVar[_Binary]
+        __ior__: ClassVar[_Binary]
+        __xor__: ClassVar[_Binary]
+        __rxor__: ClassVar[_Binary]
+        __ixor__: ClassVar[_Binary]
+        __lshift__: ClassVar[_Binary]
+        __rlshift__: ClassVar[_Binary]
+        __ilshift__: ClassVar[_Binary]
+        __rshift__: ClassVar[_Binary]
+        __rrshift__: ClassVar[_Binary]
+        __irshift__: ClassVar[_Binary]
+        __lt__: ClassVar[_Binary]
+        __le__: ClassVar[_Binary]
+        __gt__: ClassVar[_Binary]
+        __ge__: ClassVar[_Binary]
+        __eq__: ClassVar[_Binary]
+        __ne__: ClassVar[_Binary]
+        __neg__: ClassVar[_Unary]
+        __pos__: ClassVar[_Unary]
+        __abs__: ClassVar[_Unary]
+        __invert__: ClassVar[_Unary]
 
     def __init__(self, tracer: Tracer, node: int):
         object.__setattr__(self, "_tracer", tracer)
@@ -107,6 +162,7 @@ class Value:
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None):
         tracer = _find_tracer((args, kwargs))
+        assert tracer is not None, "torch calls this with a Value among the arguments"
         name = function_name(func)
         if name is not None:
             _reject_inplace(name, kwargs or {})
@@ -384,7 +440,7 @@ def _reject_inplace(name: str, kwargs: dict) -> None:
     )
 
 
-def _find_tracer(x: Any) -> Tracer:
+def _find_tracer(x: Any) -> Tracer | None:
     if isinstance(x, Value):
         return x._tracer
     if isinstance(x, (tuple, list)):
