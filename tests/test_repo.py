@@ -74,6 +74,21 @@ def test_ci_is_strict_and_rejects_an_empty_test_run():
     )
 
 
+def test_ci_type_checks_the_package_with_the_pinned_checker():
+    ci = _ci_commands()
+    assert "basedpyright" in ci, ".ci/run must run the type checker (a plain `basedpyright` line)"
+    install = next(i for i, line in enumerate(ci) if line.startswith("pip install -e"))
+    assert ci.index("basedpyright") > install, ".ci/run must type check after the install"
+    meta = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))
+    dev = meta["project"]["optional-dependencies"]["dev"]
+    assert any(req.startswith("basedpyright==") for req in dev), "pin basedpyright in dev"
+    config = meta["tool"]["basedpyright"]
+    assert config["include"] == ["tracevene"], "the type checker must cover the package"
+    assert config["typeCheckingMode"] in ("basic", "standard", "strict", "recommended", "all")
+    readme = README.read_text(encoding="utf-8").split("## Development", 1)[1]
+    assert "basedpyright" in readme, "README's Development section must name the type check"
+
+
 def test_dev_extra_is_pinned_and_py_typed_is_shipped():
     meta = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))
     project = meta["project"]
