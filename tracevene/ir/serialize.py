@@ -747,16 +747,9 @@ def _read_files(directory: Path) -> tuple[dict, dict[str, torch.Tensor], str | N
     tensors and, if the sha256 still does not match, the message to raise once the
     more specific checks have passed.
     """
-    for attempt in range(2):
-        graph = _read_graph(directory)
-        name, digest = _tensor_entry(graph)
-        try:
-            data = (directory / name).read_bytes()
-        except OSError:
-            data = None
-        ok = data is not None and (digest is None or hashlib.sha256(data).hexdigest() == digest)
-        if ok or attempt:
-            break
+    graph, name, data, ok = _read_once(directory)
+    if not ok:  # once more: a save may have replaced the files meanwhile
+        graph, name, data, ok = _read_once(directory)
     if data is None:
         raise ProgramFormatError(
             f"{directory}: {name} is missing ({GRAPH_FILE} names it as the tensor file). "
@@ -768,6 +761,17 @@ def _read_files(directory: Path) -> tuple[dict, dict[str, torch.Tensor], str | N
     )
     return graph, _parse_tensors(directory / name, data), None if ok else mismatch
 
+
+def _read_once(directory: Path) -> tuple[dict, str, bytes | None, bool]:
+    """The graph, its tensor file's name and bytes (``None``: missing), and a sha256 match."""
+    graph = _read_graph(directory)
+    name, digest = _tensor_entry(graph)
+    try:
+        data = (directory / name).read_bytes()
+    except OSError:
+        data = None
+    ok = data is not None and (digest is None or hashlib.sha256(data).hexdigest() == digest)
+    return graph, name, data, ok
 
 def _tensor_entry(graph: dict) -> tuple[str, str | None]:
     """The tensor file's name and sha256 (the first layout: ``tensors.safetensors``, none)."""

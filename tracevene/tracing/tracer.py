@@ -7,7 +7,7 @@ import inspect
 import os
 import sys
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -547,7 +547,7 @@ class trace:  # noqa: N801 - used as a function: iv.trace(model, ...)
             nn.Module.__call__ = _patched_call
         return Run(self.tracer, 0)
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Literal[False]:
         global _patch_users
         _state.active = tuple(t for t in _state.active if t is not self.tracer)
         with _patch_lock:

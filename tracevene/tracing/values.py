@@ -85,8 +85,9 @@ class Value:
         __le__: ClassVar[_Binary]
         __gt__: ClassVar[_Binary]
         __ge__: ClassVar[_Binary]
-        __eq__: ClassVar[_Binary]
-        __ne__: ClassVar[_Binary]
+        # == and != record a node (a traced value), as torch.Tensor's return a tensor
+        __eq__: ClassVar[_Binary]  # pyright: ignore[reportIncompatibleMethodOverride]
+        __ne__: ClassVar[_Binary]  # pyright: ignore[reportIncompatibleMethodOverride]
         __neg__: ClassVar[_Unary]
         __pos__: ClassVar[_Unary]
         __abs__: ClassVar[_Unary]
@@ -272,15 +273,19 @@ def _augmented(name: str):
     return method
 
 
-for _op in _BINARY:
-    setattr(Value, f"__{_op}__", _binary(_op))
-    setattr(Value, f"__r{_op}__", _binary(_op, reflected=True))
-    setattr(Value, f"__i{_op}__", _augmented(_op))
-for _op in _COMPARE:
-    setattr(Value, f"__{_op}__", _binary(_op))
-for _op in _UNARY:
-    setattr(Value, f"__{_op}__", lambda self, _fn=f"operator.{_op}": self._call(_fn, self))
-del _op
+def _install_operators() -> None:
+    """Set ``Value``'s operator methods (the class declares them for type checkers)."""
+    for op in _BINARY:
+        setattr(Value, f"__{op}__", _binary(op))
+        setattr(Value, f"__r{op}__", _binary(op, reflected=True))
+        setattr(Value, f"__i{op}__", _augmented(op))
+    for op in _COMPARE:
+        setattr(Value, f"__{op}__", _binary(op))
+    for op in _UNARY:
+        setattr(Value, f"__{op}__", lambda self, _fn=f"operator.{op}": self._call(_fn, self))
+
+
+_install_operators()
 
 
 class Alias(Value):
