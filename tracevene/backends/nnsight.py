@@ -27,7 +27,7 @@ nnsight's private internals are reached only through ``tracevene.compat.nnsight`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
@@ -43,6 +43,9 @@ from ..runtime.plan import Pass
 from ..sites.arch import Point, PointIO
 from ..sites.bind import first_tensor
 
+if TYPE_CHECKING:
+    from ..model import Model
+
 
 class NNsightBackend(Backend):
     """Runs programs inside ``nnsight`` traces (``NNsight`` envoys, any module)."""
@@ -52,7 +55,7 @@ class NNsightBackend(Backend):
     def __init__(self) -> None:
         self._wrapper: PrivateEnvoy | None = None
 
-    def run_pass(self, model: Any, p: Pass, calls: list, env: Env) -> Any:
+    def run_pass(self, model: Model, p: Pass, calls: list, env: Env) -> Any:
         """One nnsight trace over the pass's runs, visiting hook points in forward order."""
         return _run_pass(model, self.wrapper(model.module), p, calls, env)
 
@@ -83,7 +86,7 @@ class _Step:
     keep: bool = False
 
 
-def _steps(model: Any, p: Pass, state: PassRun) -> list[_Step]:
+def _steps(model: Model, p: Pass, state: PassRun) -> list[_Step]:
     """The worker's stops: the pass's module points, plus the inputs their outputs need."""
     resolver = model.resolver
 
@@ -208,7 +211,7 @@ def _trace(envoy: Any, call: _Call, lowering: _Lowering) -> None:
         lowering.run(tracer)
 
 
-def _run_pass(model: Any, wrapper: PrivateEnvoy, p: Pass, calls: list, env: Env) -> Any:
+def _run_pass(model: Model, wrapper: PrivateEnvoy, p: Pass, calls: list, env: Env) -> Any:
     state = PassRun(model, p, env, [batch_size(c) for c in calls])
     args, kwargs = concat(calls)
     steps = _steps(model, p, state)

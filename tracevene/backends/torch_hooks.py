@@ -7,7 +7,7 @@ outlives a run, whatever is raised inside it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ExecutionError
 from ..runtime.attention import pattern_attention
@@ -18,18 +18,21 @@ from ..runtime.inputs import batch_size, concat, slice_output
 from ..runtime.interpret import Env
 from ..runtime.plan import Pass
 
+if TYPE_CHECKING:
+    from ..model import Model
+
 
 class TorchBackend(Backend):
     """Runs programs with ``register_forward_hook`` / ``register_forward_pre_hook``."""
 
     name = "torch"
 
-    def run_pass(self, model: Any, p: Pass, calls: list, env: Env) -> Any:
+    def run_pass(self, model: Model, p: Pass, calls: list, env: Env) -> Any:
         """One forward call with hooks on the pass's hook points only."""
         return _run_pass(model, p, calls, env)
 
 
-def _run_pass(model: Any, p: Pass, calls: list, env: Env) -> Any:
+def _run_pass(model: Model, p: Pass, calls: list, env: Env) -> Any:
     state = PassRun(model, p, env, [batch_size(c) for c in calls])
     args, kwargs = concat(calls)
     handles: list[Any] = []

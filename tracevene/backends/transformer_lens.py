@@ -287,6 +287,7 @@ class LensResolver:
 
     Attributes:
         engine: The ``TransformerBridge`` / ``HookedTransformer`` that runs.
+        lens: ``engine`` as a ``LensEngine`` (what this backend uses of it).
         plain: The Hugging Face model inside a bridge this backend built (its
             output is the run's output, and it runs without hooks), else ``None``
             (the output is the engine's logits).
@@ -379,7 +380,7 @@ class LensResolver:
             raise SiteError(f"no hook point {name!r} on this model; closest: {near}.")
         canonical = self.points[name].name or name
         for suffix, flag in GATES:
-            if canonical.endswith(suffix) and not getattr(self.engine.cfg, flag, True):
+            if canonical.endswith(suffix) and not getattr(self.lens.cfg, flag, True):
                 hint = ", or read attn.head[h].out" if flag == "use_attn_result" else ""
                 raise SiteError(
                     f"hook({name!r}) is switched off on this model ({flag}=False). tracevene "
@@ -523,7 +524,7 @@ class LensResolver:
     # -- the probe ---------------------------------------------------------------------
     def _refresh(self) -> None:
         """Probe forward order once, and again whenever a hook-gating flag changes."""
-        key = tuple(getattr(self.engine.cfg, flag, None) for _, flag in GATES)
+        key = tuple(getattr(self.lens.cfg, flag, None) for _, flag in GATES)
         if self._probed == key:
             return
         # the engine's run lock: no other thread's run sees (or fires) the probe's hooks

@@ -22,13 +22,16 @@ import itertools
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from ..ir.nodes import Node
 from .plan import Pass
+
+if TYPE_CHECKING:
+    from ..model import Model
 
 CACHEABLE_OPS = ("read", "getitem", "call_function", "call_method")
 
@@ -59,7 +62,7 @@ def cacheable(p: Pass) -> bool:
 
 
 def pass_key(
-    model: Any, p: Pass, calls: list, values: Mapping[int, Any], nodes: Sequence[Node]
+    model: Model, p: Pass, calls: list, values: Mapping[int, Any], nodes: Sequence[Node]
 ) -> tuple:
     """A key for the pass that depends only on what the pass's results depend on.
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
@@ -13,6 +13,9 @@ from ..sites.bind import Binding, Ctx
 from ..sites.vocab import display
 from .interpret import Env
 from .plan import Pass
+
+if TYPE_CHECKING:
+    from ..model import Model
 
 
 class Stop(BaseException):
@@ -31,7 +34,7 @@ def _rows(runs: list[int], sizes: list[int]) -> dict[int, slice]:
 class PassRun:
     """State of one forward pass: its hooks, what fired, and the rows of each run."""
 
-    def __init__(self, model: Any, p: Pass, env: Env, sizes: list[int]):
+    def __init__(self, model: Model, p: Pass, env: Env, sizes: list[int]):
         self.model, self.p, self.env = model, p, env
         self.rows = {p.runs[0]: slice(None)} if len(sizes) == 1 else _rows(p.runs, sizes)
         self.bindings: dict[str, Binding] = p.bindings

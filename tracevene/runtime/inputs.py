@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -15,11 +15,14 @@ from ..ir.nodes import Node, Ref
 from ..ir.program import Program, format_arg, format_index, run_name
 from ..sites.vocab import display, parse
 
+if TYPE_CHECKING:
+    from ..model import Model
+
 Call = tuple[tuple, dict]
 
 
 def to_call(
-    model: Any,
+    model: Model,
     inputs: Any,
     forward_kwargs: Mapping[str, Any],
     device: torch.device | None = None,
@@ -118,7 +121,7 @@ def _takes_position_ids(cls: type) -> bool:
         return False
 
 
-def tokenize(model: Any, inputs: Any, what: str = "inputs") -> Any:
+def tokenize(model: Model, inputs: Any, what: str = "inputs") -> Any:
     """Text (``str`` / ``list[str]``) tokenised by the model's tokenizer; else ``inputs``."""
     if not (isinstance(inputs, str) or (isinstance(inputs, list) and _all_str(inputs))):
         return inputs
