@@ -30,7 +30,7 @@ from ..tracing.tracer import trace
 from .activation import Metric
 from .outputs import scored
 from .result import PatchResult
-from .runner import check_per_pass, run_stacked
+from .runner import check_per_pass, run_stacked, sizes
 from .runner import rows as rows_of
 
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn.out", "mlp.out")
@@ -121,24 +121,27 @@ def embedding_noise(
         embeddings = t.embed[rows, noised].save()
     std = embeddings.value.detach().float().std().item()
     generator = torch.Generator().manual_seed(seed)
-    return scale * std * torch.randn((*noised.shape, model.d_model), generator=generator)
+    return scale * std * torch.randn((*noised.shape, embeddings.value.shape[-1]),
+                                     generator=generator)  # fmt: skip
 
 
 def _trace_site(state, site: str, size: int, metric, per_pass: int, progress: bool):
     """One site's ``[layer, pos]`` grid of restorations."""
     model, inputs = state[0], state[1]
+    n_layers = sizes(model, "causal_tracing").n_layers
     clean = {site: _clean_states(model, inputs, site)}
-    values = _restore(state, clean, _grid(site, model.n_layers, inputs.shape[1], size), metric,
+    values = _restore(state, clean, _grid(site, n_layers, inputs.shape[1], size), metric,
                       per_pass, progress)  # fmt: skip
     name = site if size == 1 else f"{site} (window {size})"
-    return PatchResult(values.reshape(model.n_layers, inputs.shape[1]), ("layer", "pos"), name,
+    return PatchResult(values.reshape(n_layers, inputs.shape[1]), ("layer", "pos"), name,
                        "denoise", "causal tracing")  # fmt: skip
 
 
 def _clean_states(model: Model, inputs: Tensor, site: str) -> list[Tensor]:
     """The clean value of ``site`` in every layer ``[batch, pos, d_model]``, one pass."""
+    n_layers = sizes(model, "causal_tracing").n_layers
     with trace(model, inputs) as t:
-        saved = [t.site(site, layer).save() for layer in range(model.n_layers)]
+        saved = [t.site(site, layer).save() for layer in range(n_layers)]
     return [s.value.detach() for s in saved]
 
 

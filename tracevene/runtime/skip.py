@@ -13,7 +13,7 @@ It needs an engine that calls the Hugging Face blocks themselves (torch, nnsight
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +40,7 @@ class Starts:
     """
 
     model: nn.Module
-    blocks: Sequence[nn.Module]
+    blocks: nn.ModuleList
     inputs: list[Tensor] = field(default_factory=list)
     form: Any = None
 
