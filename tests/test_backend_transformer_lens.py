@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.metadata
 import importlib.util
 import sys
 import warnings
@@ -43,7 +44,11 @@ except ImportError:
     HookedTransformer = None
 
 B, P = 2, 6
-ARCHS = ["gpt2", "llama", "neox", "qwen2", "mistral", "qwen3", "olmo2", "gemma3", "gptj", "minilm"]
+#: TransformerLens 3.x's OLMo 2 bridge has no ln1_post component (so no resid_mid hook):
+#: OLMo 2 is checked on the bridge from TransformerLens 4 on
+_TL3 = importlib.metadata.version("transformer-lens").startswith("3.")
+ARCHS = ["gpt2", "llama", "neox", "qwen2", "mistral", "qwen3", *([] if _TL3 else ["olmo2"]),
+         "gemma3", "gptj", "minilm"]  # fmt: skip
 SCHEDULES = ["sequential", "batched"]
 #: Bridges whose hook_pattern fires after the weighted values and whose HF attention has
 #: no attention interface for the eager route (GPT-J's own _attn): pattern is read-only.
