@@ -135,8 +135,7 @@ def activation_patching(
     cells = [(key, p) for key in keys for p in _grid(positions, n_pos)]
     unpatched = _Unpatched.of(model, base, keys, site, by_position=positions != "all")
     batch = next(iter(values.values())).shape[0]
-    changed = [i for i, (key, pos) in enumerate(cells)
-               if not unpatched.holds(key, values[key][_cut(pos, axis)], pos, axis)]  # fmt: skip
+    changed = [i for i, cell in enumerate(cells) if not unpatched.holds(cell, values, axis)]
     out = score_each(unpatched.out, metric, 1, batch).expand(len(cells)).clone()
     chunks = _chunks(cells, changed, experiments_per_pass, unpatched)
     for chunk in tqdm(chunks, desc=f"patching {site}", disable=not progress):
@@ -371,9 +370,10 @@ class _Unpatched:
         cells = {key: result[h].detach() for key, h in saved.items()}
         return cls(_detach(scored(result.output)), cells, ids, mask, cache, starts)
 
-    def holds(self, key: tuple[int, ...], value: Tensor, pos: tuple[int, ...], axis: int) -> bool:
-        """Whether cell ``(key, pos)`` already holds ``value``: patching it changes nothing."""
-        return torch.equal(self.cells[key][_cut(pos, axis)], value)
+    def holds(self, cell: Cell, values: Mapping[Any, Tensor], axis: int) -> bool:
+        """Whether ``cell`` already holds what ``values`` patch in: patching changes nothing."""
+        key, pos = cell
+        return torch.equal(self.cells[key][_cut(pos, axis)], values[key][_cut(pos, axis)])
 
     def position(self, cell: Cell) -> int:
         """The position a pass patching ``cell`` can start at."""

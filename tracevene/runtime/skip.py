@@ -48,7 +48,8 @@ class Starts:
     def recording(self) -> Iterator[None]:
         """Within the block, a run of the model records the form of block 0's output."""
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            self.form = output if self.form is None else self.form
+            if self.form is None:
+                self.form = output
 
         handle = self.blocks[0].register_forward_hook(hook)
         try:
