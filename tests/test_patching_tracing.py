@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
+import models
 import tracevene as iv
 from tests import numerics
 from tracevene.patching import causal_tracing, embedding_noise, tracing
@@ -21,31 +21,12 @@ def p_answer(ds):
 @pytest.fixture(scope="module")
 def setup():
     """A small random GPT-2 over the IOI vocabulary, 4 prompts, their noise and metric."""
-    tok = ioi.tokenizer()
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=3, n_embd=32, n_head=4, vocab_size=len(tok), n_positions=32,
-        bos_token_id=0, eos_token_id=0, initializer_range=0.3,  # large weights: a visible effect
-    )  # fmt: skip
-    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf = models.ioi_gpt2()
     model = iv.wrap(hf, backend="torch")
-    ds = ioi.make_dataset(tok, n=4, seed=0, templates=[ioi.TEMPLATES[1]])
+    ds = ioi.make_dataset(ioi.tokenizer(), n=4, seed=0, templates=[ioi.TEMPLATES[1]])
     subject = torch.stack([ds.pos[role] for role in ("IO", "S1", "S2")], dim=1)
     noise = embedding_noise(model, ds.clean, subject, seed=0)
     return hf, model, ds, subject, noise, p_answer(ds)
-
-
-def _p_io(hf, ds, hooks=()) -> float:
-    """Mean p(IO) at END of HF's model on the clean prompts, with ``(module, pre_hook)``s."""
-    handles = [module.register_forward_pre_hook(hook) for module, hook in hooks]
-    try:
-        with torch.no_grad():
-            logits = hf(ds.clean).logits
-    finally:
-        for h in handles:
-            h.remove()
-    rows = torch.arange(len(ds))
-    return logits[rows, ds.pos["END"]].softmax(-1)[rows, ds.io].mean().item()
 
 
 @pytest.fixture(scope="module")
@@ -126,12 +107,12 @@ def test_noise_is_three_times_the_embeddings_std_and_seeded(setup):
 
 def test_no_restoration_is_the_noised_run_and_the_same_in_every_experiment(setup, scale):
     hf, _, ds, subject, noise, _ = setup
-    expected = _p_io(hf, ds, [(hf.transformer.h[0], _add_noise(subject, noise))])
+    expected = models.p_io(hf, ds, [(hf.transformer.h[0], _add_noise(subject, noise))])
     got = _restore_all(setup, [[]] * 3, per_pass=3)  # three experiments in one pass
     numerics.assert_close(
         got, torch.full((3,), expected), what="p(IO), no restoration", scale=scale
     )
-    assert abs(expected - _p_io(hf, ds)) > 1e-4  # the noise did change the answer
+    assert abs(expected - models.p_io(hf, ds)) > 1e-4  # the noise did change the answer
 
 
 @pytest.mark.parametrize("what", ["every position", "the subject positions"])
@@ -139,7 +120,8 @@ def test_restoring_the_embedding_gives_back_the_clean_run(setup, scale, what):
     hf, _, ds, subject, _, _ = setup
     positions = range(ds.clean.shape[1]) if what == "every position" else subject[0].tolist()
     got = _restore_all(setup, [[("resid_pre", 0, p) for p in positions]])
-    numerics.assert_close(got.item(), _p_io(hf, ds), what=f"p(IO), {what} restored", scale=scale)
+    numerics.assert_close(got.item(), models.p_io(hf, ds), what=f"p(IO), {what} restored",
+                          scale=scale)  # fmt: skip
 
 
 def test_residual_cell_equals_a_hooked_restoration(setup, scale):
@@ -153,7 +135,7 @@ def test_residual_cell_equals_a_hooked_restoration(setup, scale):
     value = _clean_resid(hf, ds, layer)
     hooks = [(hf.transformer.h[0], _add_noise(subject, noise)),
              (hf.transformer.h[layer], _restore(value, [pos]))]  # fmt: skip
-    expected = _p_io(hf, ds, hooks)
+    expected = models.p_io(hf, ds, hooks)
     numerics.assert_close(
         result.values[layer, pos], expected, what="resid_pre cell vs hooks", scale=scale
     )
@@ -186,7 +168,7 @@ def test_mlp_window_cell_equals_hooked_restorations(setup, scale):
 
     handles = [hf.transformer.h[i].mlp.register_forward_hook(restore(i)) for i in (0, 1)]
     try:
-        expected = _p_io(hf, ds, [(hf.transformer.h[0], _add_noise(subject, noise))])
+        expected = models.p_io(hf, ds, [(hf.transformer.h[0], _add_noise(subject, noise))])
     finally:
         for h in handles:
             h.remove()
@@ -207,7 +189,7 @@ def test_same_numbers_on_nnsight(setup, scale):
 
 def test_clean_metric_is_the_plain_model(setup):
     hf, _, ds, _, _, _ = setup
-    assert _trace(setup, "resid_pre").clean == pytest.approx(_p_io(hf, ds), abs=1e-5)
+    assert _trace(setup, "resid_pre").clean == pytest.approx(models.p_io(hf, ds), abs=1e-5)
 
 
 @pytest.mark.parametrize(

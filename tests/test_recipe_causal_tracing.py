@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 
+import models
 import tracevene as iv
 from tracevene.patching import embedding_noise
 from tracevene.tasks import ioi
@@ -22,31 +23,12 @@ recipe = runpy.run_path(str(ROOT / "recipes/causal_tracing.py"), run_name="recip
 @pytest.fixture(scope="module")
 def setup():
     """A small random GPT-2 over the IOI vocabulary, 4 prompts, their noise and metric."""
-    tok = ioi.tokenizer()
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=3, n_embd=32, n_head=4, vocab_size=len(tok), n_positions=32,
-        bos_token_id=0, eos_token_id=0, initializer_range=0.3,  # large weights: a visible effect
-    )  # fmt: skip
-    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf = models.ioi_gpt2()
     model = iv.wrap(hf, backend="torch")
-    ds = ioi.make_dataset(tok, n=4, seed=0, templates=[ioi.TEMPLATES[1]])
+    ds = ioi.make_dataset(ioi.tokenizer(), n=4, seed=0, templates=[ioi.TEMPLATES[1]])
     subject = recipe["subject_positions"](ds, "names")
     noise = embedding_noise(model, ds.clean, subject, seed=0)
     return hf, model, ds, subject, noise, recipe["p_answer"](ds)
-
-
-def _p_io(hf, ds, hooks=()) -> float:
-    """Mean p(IO) at END of HF's model on the clean prompts, with ``(module, pre_hook)``s."""
-    handles = [module.register_forward_pre_hook(hook) for module, hook in hooks]
-    try:
-        with torch.no_grad():
-            logits = hf(ds.clean).logits
-    finally:
-        for h in handles:
-            h.remove()
-    rows = torch.arange(len(ds))
-    return logits[rows, ds.pos["END"]].softmax(-1)[rows, ds.io].mean().item()
 
 
 # -- tests ----------------------------------------------------------------------------------------
@@ -63,7 +45,7 @@ def test_smoke_run_on_the_bundled_model(tmp_path, capsys):
     assert summary["passed"] and "verdict: PASS (9 of 9 expectations hold)" in out, out
     hf = transformers.AutoModelForCausalLM.from_pretrained(ROOT / "models/ioi").eval()
     ds = ioi.make_dataset(ioi.tokenizer(), n=summary["n"], seed=0, templates=[ioi.TEMPLATES[0]])
-    assert summary["p_clean"] == pytest.approx(_p_io(hf, ds), abs=1e-5)
+    assert summary["p_clean"] == pytest.approx(models.p_io(hf, ds), abs=1e-5)
     p = summary["values"]["resid_pre"]
     assert p.shape == (hf.config.n_layer, ds.clean.shape[1])
     # Positions before the first noised name see no noise: restoring them does nothing.
